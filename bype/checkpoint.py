@@ -1,0 +1,81 @@
+"""Checkpoints written atomically and read back with clear errors.
+
+`save` writes to a temporary file in the same directory, fsyncs, keeps the previous file as
+`<name>.prev.pt`, then renames: a crash at any moment leaves a complete checkpoint on disk.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save(state: dict, path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    state = dict(state, format_version=FORMAT_VERSION)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            os.replace(path, previous_path(path))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def previous_path(path: str) -> str:
+    root, ext = os.path.splitext(path)
+    return root + ".prev" + ext
+
+
+def load(path: str, map_location: Any = "cpu") -> dict:
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises several types for truncated / corrupt zip archives
+        prev = previous_path(path)
+        hint = f"; the previous checkpoint {prev} is intact" if _readable(prev) else ""
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}){hint}") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: not a bype checkpoint (missing or unknown format_version)")
+    return state
+
+
+def _readable(path: str) -> bool:
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+        return True
+    except Exception:
+        return False
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

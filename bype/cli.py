@@ -1,0 +1,170 @@
+"""The `bype` command line.
+
+  bype train [--config FILE] [key.sub=value ...]     train (no arguments: the embedded default job)
+  bype train --resume RUN_DIR [key.sub=value ...]     continue a run exactly where it stopped
+  bype eval RUN_DIR [--samples S]                     importance-sampled test NLL, ELBO, kNN
+  bype sample RUN_DIR [--n N]                         Algorithm 1 samples as an image grid
+  bype data prepare DATASET --src PATH --out DIR      write webdataset shards
+  bype bench NAME [...]                               benchmarks (kernels, coreset, data, scaling, speed)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pkgutil
+import sys
+
+
+def _subcommand_modules(package: str) -> list[str]:
+    pkg = importlib.import_module(package)
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+
+
+def _cmd_train(args) -> int:
+    from bype.config import load_config
+    from bype.trainer import load_run_config, train
+
+    if args.resume:
+        if args.config:
+            raise SystemExit("bype: error: --resume takes the config saved in the run directory; drop --config")
+        cfg = load_run_config(args.resume, args.overrides)
+        cfg.out_dir, cfg.name = os.path.split(os.path.normpath(args.resume))
+    else:
+        cfg = load_config(args.config, args.overrides)
+    resume = bool(args.resume)
+    if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 \
+            and os.path.exists(os.path.join(cfg.run_dir, "last.pt")):
+        resume = True  # an elastic restart picks up the latest checkpoint by itself
+    report = train(cfg, resume=resume)
+    if report is not None:
+        _print_report(report, cfg.run_dir)
+    return 0
+
+
+def _print_report(report: dict, run_dir: str) -> None:
+    keys = ("test_nll", "test_elbo", "bits_per_dim", "knn_5", "epochs", "train_seconds", "stop_reason")
+    shown = {k: report[k] for k in keys if k in report}
+    print(f"\nrun directory: {run_dir}")
+    print("report:", os.path.join(run_dir, "report.json"), json.dumps(shown))
+    for k in ("samples_png", "coreset_png", "curves_png"):
+        if k in report:
+            print(f"{k.replace('_png', '')}: {report[k]}")
+
+
+def _load_trained(run_dir: str, which: str):
+    import torch
+
+    from bype import checkpoint
+    from bype.data import load_data
+    from bype.models import build_model
+    from bype.trainer import load_run_config
+
+    cfg = load_run_config(run_dir)
+    data = load_data(cfg)
+    bank = data.train_split().floats() if cfg.prior.kind == "exemplar" else None
+    model = build_model(cfg, data.input_shape, bank)
+    state = checkpoint.load(os.path.join(run_dir, f"{which}.pt"))
+    model.load_state_dict(state["model"])
+    model.eval()
+    torch.manual_seed(cfg.seed)
+    return cfg, data, model
+
+
+def _cmd_eval(args) -> int:
+    from bype.evaluate import evaluate
+    from bype.metrics import setup_logging
+
+    setup_logging()
+    cfg, data, model = _load_trained(args.run_dir, args.checkpoint)
+    report = evaluate(model, data.test, data.train_split(), args.samples, args.batch,
+                      [] if args.no_knn else cfg.eval.knn_k, limit=args.limit)
+    out = os.path.join(args.run_dir, f"eval_S{args.samples}.json")
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps(report, indent=2))
+    print(f"written: {out}")
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    from bype.sampling import save_samples
+
+    _, _, model = _load_trained(args.run_dir, args.checkpoint)
+    out = args.out or os.path.join(args.run_dir, "samples.png")
+    print(f"samples: {save_samples(model, out, args.n, args.seed)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bype", description="ByPE-VAE training, evaluation and tooling")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (no arguments: ByPE-VAE on Fashion-MNIST)")
+    p.add_argument("--config", help="YAML config file (configs/...)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.set_defaults(func=_cmd_train)
+
+    for name, func, help_ in (("eval", _cmd_eval, "evaluate a trained run on the test set"),
+                              ("sample", _cmd_sample, "generate samples from a trained run")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("run_dir")
+        p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+        p.set_defaults(func=func)
+        if name == "eval":
+            p.add_argument("--samples", type=int, default=5000, help="importance samples per example")
+            p.add_argument("--batch", type=int, default=50000, help="examples x samples evaluated at once")
+            p.add_argument("--limit", type=int, default=None, help="evaluate the first N test examples")
+            p.add_argument("--no-knn", action="store_true", help="skip the kNN accuracy")
+        else:
+            p.add_argument("--n", type=int, default=100)
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--out", default=None)
+
+    for group, package, help_ in (("data", "bype.data", "data preparation"), ("bench", "bype.bench", "benchmarks")):
+        p = sub.add_parser(group, help=help_)
+        verbs = p.add_subparsers(dest="verb", required=True)
+        names = ["prepare"] if group == "data" else _subcommand_modules(package)
+        for verb in names:
+            try:
+                module = importlib.import_module(f"{package}.{verb}")
+            except ImportError as e:
+                verbs.add_parser(verb, help=f"unavailable ({e})")
+                continue
+            vp = verbs.add_parser(verb, help=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else None)
+            module.add_arguments(vp)
+            vp.set_defaults(func=module.run)
+
+    for extra in ("augment", "experiment"):
+        try:
+            module = importlib.import_module(f"bype.{extra}")
+        except ImportError:
+            continue
+        p = sub.add_parser(extra, help=(module.__doc__ or "").strip().splitlines()[0])
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    from bype.checkpoint import CheckpointError
+    from bype.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("BYPE_DEBUG"):
+            raise
+        print(f"bype: error: {e}", file=sys.stderr)
+        code = 2
+    from bype.dist import finish
+
+    finish(code or 0)  # distributed workers end through barrier + destroy + os._exit
+    return code or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

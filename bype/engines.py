@@ -1,0 +1,53 @@
+"""How a training step is executed: one process, DDP, or DeepSpeed, behind one small interface.
+
+`engine(x, idx, beta)` runs the model's forward (the loss) through the wrapper that synchronises
+gradients; `engine.backward(loss)` and `engine.step()` do the rest; `engine.module` is the bare model.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bype.optim import build_optimizer
+
+
+class LocalEngine:
+    """A single process, or DDP when `ddp=True` (gradients all-reduced in backward)."""
+
+    def __init__(self, cfg, model: nn.Module, ctx, ddp: bool = False):
+        self.module = model
+        self.wrapped = model
+        if ddp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            dev = [ctx.device.index] if ctx.device.type == "cuda" else None
+            # Buffers (the coreset U, w; the exemplar bank) are kept in sync explicitly, never broadcast per step.
+            self.wrapped = DistributedDataParallel(model, device_ids=dev, broadcast_buffers=False)
+        self.optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+        self.grad_clip = cfg.train.grad_clip
+
+    def __call__(self, x, idx, beta):
+        return self.wrapped(x, idx, beta)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def step(self) -> None:
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def build_engine(cfg, model: nn.Module, ctx):
+    if cfg.dist.engine == "deepspeed":
+        from bype.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, model, ctx)
+    return LocalEngine(cfg, model, ctx, ddp=cfg.dist.engine == "ddp" and ctx.distributed)

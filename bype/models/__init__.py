@@ -1,0 +1,3 @@
+from bype.models.vae import build_model
+
+__all__ = ["build_model"]

@@ -1,0 +1,277 @@
+"""The training loop: one readable path for a single process, DDP and DeepSpeed.
+
+Per epoch: minibatch steps on the beta-ELBO (KL warm-up), the pseudocoreset update every k epochs
+(ByPE), validation, checkpoints (`last` every epoch, `best` on improvement), early stopping after the
+warm-up. At the end the best model is evaluated on the test set and pictures are written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import yaml
+
+from bype import checkpoint
+from bype.config import Config, config_from_dict, to_dict
+from bype.data import DataBundle, load_data
+from bype.dist import DistContext, barrier, init_distributed
+from bype.engines import build_engine
+from bype.evaluate import evaluate, model_inputs, validation_loss
+from bype.metrics import MetricsWriter, Progress, read_metrics, setup_logging, truncate_metrics
+from bype.models import build_model
+from bype.models.noise import RowNoise
+from bype.sampling import save_coreset, save_curves, save_samples
+
+log = logging.getLogger("bype")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_run_config(run_dir: str, overrides: Optional[list[str]] = None) -> Config:
+    """The resolved config saved in a run directory, with optional dotted overrides on top."""
+    from bype.config import _merge, _nest, parse_override, validate
+
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not a run directory (no config.yaml)")
+    with open(path) as f:
+        cfg = config_from_dict(yaml.safe_load(f))
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _merge(cfg, _nest(key, value))
+    validate(cfg)
+    return cfg
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool = False, ctx: Optional[DistContext] = None):
+        self.cfg = cfg
+        self.ctx = ctx or init_distributed(cfg)
+        setup_logging(self.ctx.rank)
+        self.run_dir = cfg.run_dir
+        self._prepare_run_dir(resume)
+        seed_everything(cfg.seed)  # the same seed on every rank: identical initialisation everywhere
+
+        self.data: DataBundle = load_data(cfg, self.ctx.rank, self.ctx.world_size)
+        bank = self.data.train_split().floats() if cfg.prior.kind == "exemplar" else None
+        self.model = build_model(cfg, self.data.input_shape, bank).to(self.ctx.device)
+        if self.model.prior.n_components:
+            rows = self.data.init_rows(self.model.prior.n_components, torch.Generator().manual_seed(cfg.seed))
+            self.model.prior.init_from_data(rows.to(self.ctx.device), self.data.n_train)
+        self.engine = build_engine(cfg, self.model, self.ctx)
+        self.coreset = self._build_coreset()
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.ctx.is_main)
+
+        self.epoch = 0  # epochs completed
+        self.step = 0
+        self.best_val = math.inf
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        self.train_seconds = 0.0
+        self.stopped_early = False
+        if resume:
+            self._restore(os.path.join(self.run_dir, "last.pt"))
+        log.info("run %s: %s prior, %s arch, N=%d, %d steps/epoch, %d rank(s) on %s, kernels impl=%s",
+                 self.run_dir, cfg.prior.kind, cfg.model.arch, self.data.n_train, len(self.data.train_loader),
+                 self.ctx.world_size, self.ctx.device, self._kernel_impl())
+
+    # --- set-up -------------------------------------------------------------------------------
+    def _prepare_run_dir(self, resume: bool) -> None:
+        has_run = os.path.exists(os.path.join(self.run_dir, "last.pt"))
+        if has_run and not resume:
+            raise FileExistsError(f"{self.run_dir}: already holds a run; continue it with "
+                                  f"`bype train --resume {self.run_dir}` or start another with name=NEW")
+        if resume and not has_run:
+            raise FileNotFoundError(f"{self.run_dir}: nothing to resume (no last.pt)")
+        if self.ctx.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(to_dict(self.cfg), f, sort_keys=False)
+        barrier()
+
+    def _build_coreset(self):
+        if self.cfg.prior.kind != "bype":
+            return None
+        from bype.coreset import PseudocoresetOptimizer
+
+        return PseudocoresetOptimizer.from_config(self.cfg, self.model, self.data, self.ctx)
+
+    def _kernel_impl(self) -> str:
+        import kernels
+
+        return kernels.resolve_impl(torch.empty(0, device=self.ctx.device), "auto")
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "engine": self.engine.state_dict(),
+            "coreset": self.coreset.state_dict() if self.coreset is not None else None,
+            "rng": checkpoint.rng_state(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_val": self.best_val,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "train_seconds": self.train_seconds,
+            "stopped_early": self.stopped_early,
+            "config": to_dict(self.cfg),
+        }
+
+    def save(self, name: str) -> None:
+        if self.ctx.is_main:
+            checkpoint.save(self._state(), os.path.join(self.run_dir, name))
+        barrier()
+
+    def _restore(self, path: str) -> None:
+        state = checkpoint.load(path, map_location=self.ctx.device)
+        self.model.load_state_dict(state["model"])
+        self.engine.load_state_dict(state["engine"])
+        if self.coreset is not None and state.get("coreset") is not None:
+            self.coreset.load_state_dict(state["coreset"])
+        checkpoint.set_rng_state(state["rng"])
+        for key in ("epoch", "step", "best_val", "best_epoch", "bad_epochs", "train_seconds", "stopped_early"):
+            setattr(self, key, state[key])
+        if self.ctx.is_main:
+            truncate_metrics(self.run_dir, self.epoch)
+        log.info("resumed %s at epoch %d (step %d)", path, self.epoch, self.step)
+
+    # --- training -----------------------------------------------------------------------------
+    def beta(self, epoch: int) -> float:
+        w = self.cfg.train.warmup_epochs
+        return 1.0 if w == 0 else min(1.0, epoch / w)
+
+    def train_epoch(self, epoch: int) -> dict:
+        """Run epoch `epoch` (1-based)."""
+        cfg, model = self.cfg, self.model
+        model.train()
+        model.prior.on_epoch_start(model)
+        beta = self.beta(epoch)
+        loader = self.data.train_loader
+        bar = Progress(len(loader), f"epoch {epoch}", cfg.train.log_every, enabled=self.ctx.is_main)
+        sums = {"loss": 0.0, "rec": 0.0, "kl": 0.0}
+        n = 0
+        profiler = self._profiler() if cfg.train.profile and epoch == self.epoch + 1 else None
+        for i, (x, _, idx) in enumerate(loader.epoch(epoch)):
+            model.noise = RowNoise(cfg.seed, epoch, i, self.ctx.rank, self.ctx.world_size)
+            x = model.preprocess(x.to(self.ctx.device, non_blocking=True))
+            loss, stats = self.engine(x, idx.to(self.ctx.device), beta)
+            self.engine.backward(loss)
+            self.engine.step()
+            model.noise = None
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"epoch {epoch} step {i}: loss is {loss.item()}")
+            self.step += 1
+            for k in sums:
+                sums[k] += (loss if k == "loss" else stats[k]).item()
+            n += 1
+            bar.update(1, loss=loss.item())
+            if profiler is not None:
+                profiler.step()
+        bar.close()
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+        return {f"train_{k}": v / max(n, 1) for k, v in sums.items()} | {"beta": beta, "steps": n}
+
+    def _profiler(self):
+        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.ctx.device.type == "cuda" else [])
+        prof = profile(activities=acts, schedule=schedule(wait=2, warmup=2, active=5, repeat=1),
+                       on_trace_ready=tensorboard_trace_handler(os.path.join(self.run_dir, "profile")),
+                       record_shapes=True)
+        prof.__enter__()
+        log.info("profiling steps 5-9 into %s/profile", self.run_dir)
+        return prof
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        x_val = model_inputs(self.model, self.data.val)
+        budget = cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
+        while self.epoch < cfg.train.epochs and not self.stopped_early and self.train_seconds < budget:
+            epoch = self.epoch + 1
+            t0 = time.time()
+            record = {"epoch": epoch, **self.train_epoch(epoch)}
+            if self.coreset is not None and self.coreset.due(epoch):
+                record.update({f"coreset_{k}": v for k, v in self.coreset.update(epoch).items()})
+            val = validation_loss(self.model, x_val)
+            record.update({f"val_{k}": v for k, v in val.items()})
+            seconds = time.time() - t0
+            self.train_seconds += seconds
+            self.epoch = epoch
+            record.update(step=self.step, epoch_seconds=round(seconds, 3),
+                          samples_per_s=round(record["steps"] * cfg.train.batch_size / seconds, 1),
+                          train_seconds=round(self.train_seconds, 2))
+            if hasattr(self.model.prior, "log_var"):
+                record["prior_log_var"] = float(self.model.prior.log_var)
+            improved = val["loss"] < self.best_val
+            if improved:
+                self.best_val, self.best_epoch, self.bad_epochs = val["loss"], epoch, 0
+            elif epoch > cfg.train.warmup_epochs:
+                self.bad_epochs += 1
+                self.stopped_early = self.bad_epochs >= cfg.train.patience
+            self.metrics.write(record, step=epoch)
+            log.info("epoch %d: train %.2f val %.2f (best %.2f @%d) %.1fs %s", epoch, record["train_loss"],
+                     val["loss"], self.best_val, self.best_epoch, seconds,
+                     f"coreset KL {record['coreset_kl_after']:.3g}" if "coreset_kl_after" in record else "")
+            if improved:
+                self.save("best.pt")
+            self.save("last.pt")
+        reason = "early stopping" if self.stopped_early else (
+            "time budget" if self.train_seconds >= budget else "epoch limit")
+        log.info("training finished after %d epochs (%s), %.1f s", self.epoch, reason, self.train_seconds)
+        return {"epochs": self.epoch, "stop_reason": reason, "best_epoch": self.best_epoch,
+                "best_val_loss": self.best_val, "train_seconds": round(self.train_seconds, 2)}
+
+    # --- the end of a run ---------------------------------------------------------------------
+    def finalize(self, summary: dict) -> Optional[dict]:
+        """Evaluate the best model on the test set and write report.json and the pictures (rank 0)."""
+        cfg = self.cfg
+        if not self.ctx.is_main:
+            barrier()
+            return None
+        best = os.path.join(self.run_dir, "best.pt")
+        if os.path.exists(best):
+            self.model.load_state_dict(checkpoint.load(best, self.ctx.device)["model"])
+        report = dict(summary, name=cfg.name, prior=cfg.prior.kind, arch=cfg.model.arch,
+                      dataset=cfg.data.dataset, n_train=self.data.n_train, world_size=self.ctx.world_size)
+        if cfg.eval.at_end:
+            log.info("evaluating the best model (epoch %d) on %d test examples, S=%d", self.best_epoch,
+                     len(self.data.test), cfg.eval.is_samples)
+            report.update(evaluate(self.model, self.data.test, self.data.train_split(), cfg.eval.is_samples,
+                                   cfg.eval.is_batch, cfg.eval.knn_k, log=log.info))
+        report.update(write_pictures(self.model, self.run_dir, cfg.eval.n_samples_grid, cfg.seed))
+        with open(os.path.join(self.run_dir, "report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        self.metrics.close()
+        barrier()
+        return report
+
+
+def write_pictures(model, run_dir: str, n_samples: int, seed: int) -> dict:
+    out = {"samples_png": save_samples(model, os.path.join(run_dir, "samples.png"), n_samples, seed)}
+    coreset = save_coreset(model.prior, model.input_shape, os.path.join(run_dir, "coreset.png"),
+                           os.path.join(run_dir, "coreset_weights.png"))
+    if coreset:
+        out["coreset_png"] = coreset
+    curves = save_curves(read_metrics(run_dir), os.path.join(run_dir, "curves.png"))
+    if curves:
+        out["curves_png"] = curves
+    return out
+
+
+def train(cfg: Config, resume: bool = False) -> Optional[dict]:
+    trainer = Trainer(cfg, resume=resume)
+    summary = trainer.fit()
+    return trainer.finalize(summary)

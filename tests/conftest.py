@@ -1,0 +1,17 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in the interpreter on CPU tensors
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(scope="session")
+def fmnist_root():
+    if not os.path.isdir(FMNIST):
+        pytest.fail(f"{FMNIST} missing: run launch/bootstrap.sh (installs dataset-fashion-mnist)")
+    return FMNIST

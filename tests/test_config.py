@@ -1,0 +1,68 @@
+import subprocess
+import sys
+
+import pytest
+
+from bype.config import ConfigError, load_config
+
+CONFIGS = "configs"
+
+
+def test_defaults_are_the_main_job():
+    cfg = load_config()
+    assert (cfg.prior.kind, cfg.model.arch, cfg.prior.components, cfg.data.dataset) == ("bype", "vae", 500, "fashion-mnist")
+
+
+def test_every_shipped_config_loads():
+    import glob
+
+    paths = [p for p in glob.glob(f"{CONFIGS}/*/*.yaml") if "/datasets/" not in p and "/archs/" not in p and "/priors/" not in p]
+    assert len(paths) == 48  # 4 data sets x 3 architectures x 4 priors
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.name.endswith(path.rsplit("/", 1)[1][:-5]) and cfg.train.epochs == 4000 and cfg.eval.is_samples == 5000
+    cfg = load_config(f"{CONFIGS}/cifar10/convhvae-bype.yaml")
+    assert (cfg.model.likelihood, cfg.model.arch, cfg.data.source) == ("logistic", "convhvae", "shards")
+
+
+def test_overrides_apply_with_yaml_types():
+    cfg = load_config(f"{CONFIGS}/fashion-mnist/vae-bype.yaml", ["train.lr=0.001", "coreset.every=5",
+                                                                  "train.max_minutes=null", "eval.knn_k=[3,5]"])
+    assert cfg.train.lr == 0.001 and cfg.coreset.every == 5 and cfg.train.max_minutes is None
+    assert cfg.eval.knn_k == [3, 5]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=-1", "train.epochs: must be > 0"),
+    ("train.epoch=3", "train.epoch: unknown key"),
+    ("train.lr=fast", "train.lr: expected a number"),
+    ("prior.components=60000", "prior.components: M=60000 exceeds the training-set size N=50000"),
+    ("prior.kind=flow", "prior.kind: 'flow' is not one of"),
+    ("model.hidden=1.5", "model.hidden: expected an integer"),
+    ("coreset.samples=1", "coreset.samples: needs at least 2"),
+    ("data.train_limit=100", "prior.components: M=500 exceeds the training-set size N=100"),
+    ("bogus", "bogus: override must look like key.sub=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_bad_yaml_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        load_config(str(p))
+    p.write_text("train:\n  nope: 1\n")
+    with pytest.raises(ConfigError, match="train.nope: unknown key"):
+        load_config(str(p))
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_cli_reports_one_line_before_any_work(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bype.cli", "train", "train.epochs=-3", f"out_dir={tmp_path}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "bype: error: train.epochs: must be > 0, got -3"
+    assert not list(tmp_path.iterdir())  # nothing was written
