@@ -214,7 +214,7 @@ class Trainer:
                           samples_per_s=round(record["steps"] * cfg.train.batch_size / seconds, 1),
                           train_seconds=round(self.train_seconds, 2))
             if hasattr(self.model.prior, "log_var"):
-                record["prior_log_var"] = float(self.model.prior.log_var)
+                record["prior_log_var"] = self.model.prior.log_var.item()
             improved = val["loss"] < self.best_val
             if improved:
                 self.best_val, self.best_epoch, self.bad_epochs = val["loss"], epoch, 0

@@ -38,6 +38,13 @@ def reparameterize(mu, logvar, generator=None, noise=None):
     return mu + eps * torch.exp(0.5 * logvar)
 
 
+def _repeat(t, n: int):
+    """Repeat each row (or each tensor of a tuple) n times, copies adjacent."""
+    if isinstance(t, tuple):
+        return tuple(_repeat(a, n) for a in t)
+    return t if n == 1 else t.repeat_interleave(n, 0)
+
+
 class VAEBase(nn.Module):
     def __init__(self, input_shape: tuple, latent_dim: int, likelihood: Likelihood, prior: Prior):
         super().__init__()
@@ -73,8 +80,9 @@ class VAEBase(nn.Module):
         """Likelihood parameters [S, P, D] given the top latent (lower levels sampled from the model)."""
         raise NotImplementedError
 
-    def _log_weights(self, x: torch.Tensor, idx=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One reparameterised sample: (log p(x|z), log q(z|x), log p(z)) each [B]."""
+    def _log_weights(self, x: torch.Tensor, idx=None, n_samples: int = 1):
+        """`n_samples` reparameterised samples per example: (log p(x|z), log q(z|x), log p(z)), each
+        [B * n_samples] (samples of one example adjacent); the encoder runs once per example."""
         raise NotImplementedError
 
     def prior_means(self, u: torch.Tensor) -> torch.Tensor:
@@ -91,8 +99,7 @@ class VAEBase(nn.Module):
     def log_weights_is(self, x: torch.Tensor, n_samples: int) -> torch.Tensor:
         """Importance weights log p(x|z) + log p(z) - log q(z|x), [B, n_samples]."""
         b = x.shape[0]
-        xr = x.repeat_interleave(n_samples, 0)
-        rec, log_q, log_p = self._log_weights(xr)
+        rec, log_q, log_p = self._log_weights(x, n_samples=n_samples)
         return (rec + log_p - log_q).view(b, n_samples)
 
     @torch.no_grad()
@@ -123,10 +130,10 @@ class VAE(VAEBase):
         raw = self.out(self.decoder(z_top)).view(z_top.shape[0], self.likelihood.planes, self.data_dim)
         return self.likelihood.head(raw)
 
-    def _log_weights(self, x, idx=None):
-        mu, logvar = self.encode_flat(x)
+    def _log_weights(self, x, idx=None, n_samples=1):
+        mu, logvar = _repeat(self.encode_flat(x), n_samples)
         z = reparameterize(mu, logvar, noise=self.noise)
-        rec = self.likelihood.log_prob(x, self.decode_params(z))
+        rec = self.likelihood.log_prob(_repeat(x, n_samples), self.decode_params(z))
         return rec, normal_logpdf(z, mu, logvar), self.prior.log_prob(z, self, idx)
 
 
@@ -148,9 +155,10 @@ class HierarchicalBase(VAEBase):
         z1 = reparameterize(mu1, logvar1, generator)
         return self.decode_x(z1, z_top)
 
-    def _log_weights(self, x, idx=None):
-        mu2, logvar2 = self.encode_flat(x)
+    def _log_weights(self, x, idx=None, n_samples=1):
+        mu2, logvar2 = _repeat(self.encode_flat(x), n_samples)
         z2 = reparameterize(mu2, logvar2, noise=self.noise)
+        x = _repeat(x, n_samples)
         mu1, logvar1 = self.encode_z1(x, z2)
         z1 = reparameterize(mu1, logvar1, noise=self.noise)
         pmu1, plogvar1 = self.p_z1(z2)
