@@ -63,7 +63,7 @@ def _load_trained(run_dir: str, which: str):
 
     cfg = load_run_config(run_dir)
     data = load_data(cfg)
-    bank = data.train_split().floats() if cfg.prior.kind == "exemplar" else None
+    bank = data.train_split().x.flatten(1) if cfg.prior.kind == "exemplar" else None
     model = build_model(cfg, data.input_shape, bank)
     state = checkpoint.load(os.path.join(run_dir, f"{which}.pt"))
     model.load_state_dict(state["model"])

@@ -64,7 +64,7 @@ class Trainer:
         seed_everything(cfg.seed)  # the same seed on every rank: identical initialisation everywhere
 
         self.data: DataBundle = load_data(cfg, self.ctx.rank, self.ctx.world_size)
-        bank = self.data.train_split().floats() if cfg.prior.kind == "exemplar" else None
+        bank = self.data.train_split().x.flatten(1) if cfg.prior.kind == "exemplar" else None
         self.model = build_model(cfg, self.data.input_shape, bank).to(self.ctx.device)
         if self.model.prior.n_components:
             rows = self.data.init_rows(self.model.prior.n_components, torch.Generator().manual_seed(cfg.seed))

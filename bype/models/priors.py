@@ -113,7 +113,8 @@ class ExemplarPrior(Prior):
 
     def __init__(self, bank: torch.Tensor, subset: int, knn: int, log_var_init: float):
         super().__init__()
-        self.register_buffer("bank", bank, persistent=False)  # flattened training images [N, D]
+        # Flattened training images [N, D], kept as uint8 (4x smaller than floats; CelebA-sized banks).
+        self.register_buffer("bank", _as_uint8(bank), persistent=False)
         self.subset = subset
         self.knn = knn
         self.log_var = nn.Parameter(torch.tensor(float(log_var_init)))
@@ -125,12 +126,15 @@ class ExemplarPrior(Prior):
         return super().train(mode)
 
     def set_bank(self, bank: torch.Tensor) -> None:
-        self.bank = bank.to(self.log_var.device)
+        self.bank = _as_uint8(bank).to(self.log_var.device)
         self._knn_cache = self._eval_cache = None
+
+    def _rows(self, pick: torch.Tensor) -> torch.Tensor:
+        return self.bank[pick].float() / 255.0
 
     @torch.no_grad()
     def _all_means(self, model, chunk: int = 4096) -> torch.Tensor:
-        return torch.cat([model.encode_flat(b)[0] for b in self.bank.split(chunk)])
+        return torch.cat([model.encode_flat(b.float() / 255.0)[0] for b in self.bank.split(chunk)])
 
     def on_epoch_start(self, model):
         self._knn_cache = self._all_means(model) if self.knn > 0 else None
@@ -148,7 +152,7 @@ class ExemplarPrior(Prior):
             else torch.arange(n, device=self.bank.device)
         if idx is not None:
             pick = pick[~torch.isin(pick, idx.to(pick.device))]
-        mu = model.encode_flat(self.bank[pick])[0]
+        mu = model.encode_flat(self._rows(pick))[0]
         log_w = torch.full((mu.shape[0],), -math.log(mu.shape[0]), device=z.device, dtype=z.dtype)
         return kernels.mixture_logpdf(z, mu, log_w, self.log_var)
 
@@ -159,7 +163,7 @@ class ExemplarPrior(Prior):
         if idx is not None:
             d2[torch.arange(z.shape[0], device=z.device)[idx >= 0], idx[idx >= 0]] = float("inf")
         nearest = d2.topk(self.knn, largest=False).indices  # [B, k]
-        mu = model.encode_flat(self.bank[nearest.flatten()])[0].view(z.shape[0], self.knn, -1)
+        mu = model.encode_flat(self._rows(nearest.flatten()))[0].view(z.shape[0], self.knn, -1)
         var = torch.exp(self.log_var)
         comp = -0.5 * (z.shape[1] * (LOG_2PI + self.log_var) + ((z[:, None] - mu) ** 2).sum(-1) / var)
         # Uniform weights 1/N over all exemplars; the others contribute (almost) nothing.
@@ -167,7 +171,7 @@ class ExemplarPrior(Prior):
 
     def sample(self, n, model, generator=None):
         pick = torch.randint(self.bank.shape[0], (n,), generator=generator).to(self.bank.device)
-        mu = model.encode_flat(self.bank[pick])[0]
+        mu = model.encode_flat(self._rows(pick))[0]
         return _gaussian_around(mu, self.log_var.expand_as(mu), generator)
 
 
@@ -205,6 +209,13 @@ class ByPEPrior(Prior):
         pick = torch.multinomial(self.w / self.w.sum(), n, replacement=True, generator=generator)
         mu = model.encode_flat(self.U[pick])[0]
         return _gaussian_around(mu, self.log_var.expand_as(mu), generator)
+
+
+def _as_uint8(bank: torch.Tensor) -> torch.Tensor:
+    """Grey levels in [0, 1] (or already uint8) -> uint8 rows."""
+    if bank.dtype == torch.uint8:
+        return bank
+    return (bank * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 def build_prior(cfg, data_dim: int, bank: Optional[torch.Tensor] = None) -> Prior:
