@@ -172,7 +172,7 @@ class HVAE(HierarchicalBase):
     """Gated MLP HVAE; q(z1|x,z2) and p(x|z1,z2) join two 300-wide branches."""
 
     def __init__(self, input_shape, latent_dim, hidden, likelihood, prior):
-        super().__init__(input_shape, latent_dim, likelihood, prior)
+        super().__init__(input_shape, latent_dim, hidden, likelihood, prior)
         d = self.data_dim
         self.q_z2 = nn.Sequential(gated_mlp(d, hidden), GaussianHead(hidden, latent_dim))
         self.q_z1_x = GatedDense(d, hidden)
@@ -204,7 +204,7 @@ class ConvHVAE(HierarchicalBase):
     """Gated-convolution HVAE; the decoder runs four 3x3 gated convolutions of 64 channels."""
 
     def __init__(self, input_shape, latent_dim, hidden, likelihood, prior):
-        super().__init__(input_shape, latent_dim, likelihood, prior)
+        super().__init__(input_shape, latent_dim, hidden, likelihood, prior)
         c, h, w = self.input_shape
         feat = 6 * math.ceil(h / 4) * math.ceil(w / 4)
         self.q_z2_conv = _conv_encoder(c)
