@@ -69,7 +69,10 @@ class CoresetConfig:
     samples: Optional[int] = None  # z samples per step (S); default M
     batch_size: int = 100  # data minibatch per step (minibatch data term)
     steps: Optional[int] = None  # steps per update; default N / batch_size
-    lr: float = 0.5  # Adam step 0.5 / (j + 1) as in the reference
+    lr: float = 0.5  # Adam step on the weights: lr / (j + 1), as in the reference
+    # Adam step on the pseudodata: Adam moves every pixel by about lr_u on its first step, so the
+    # reference's 0.5 (shared with w, whose scale is N/M) throws U across [0, 1] and the KL rises.
+    lr_u: float = 0.05
     data_term: str = "auto"  # auto | exact | minibatch
 
 
@@ -292,7 +295,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be {bound}, got {value!r}")
 
     for key in ("train.epochs", "train.batch_size", "train.lr", "model.latent_dim", "model.hidden",
-                "prior.components", "coreset.every", "coreset.batch_size", "coreset.lr",
+                "prior.components", "coreset.every", "coreset.batch_size", "coreset.lr", "coreset.lr_u",
                 "eval.is_samples", "eval.is_batch", "train.log_every", "model.gaussian_std",
                 "data.stream.shuffle_buffer"):
         positive(key)

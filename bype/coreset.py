@@ -165,7 +165,7 @@ class Adam:
         self.m = {k: torch.zeros(s, device=device, dtype=dtype) for k, s in shapes.items()}
         self.v = {k: torch.zeros(s, device=device, dtype=dtype) for k, s in shapes.items()}
 
-    def step(self, params: dict, grads: dict, lr: float) -> None:
+    def step(self, params: dict, grads: dict, lrs: dict) -> None:
         b1, b2 = self.betas
         self.t += 1
         c1, c2 = 1 - b1**self.t, 1 - b2**self.t
@@ -173,7 +173,7 @@ class Adam:
             g = grads[k].to(p.dtype)
             self.m[k].mul_(b1).add_(g, alpha=1 - b1)
             self.v[k].mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.sub_(lr * (self.m[k] / c1) / ((self.v[k] / c2).sqrt() + self.eps))
+            p.sub_(lrs[k] * (self.m[k] / c1) / ((self.v[k] / c2).sqrt() + self.eps))
 
     def state_dict(self) -> dict:
         return {"t": self.t, "m": {k: v.clone() for k, v in self.m.items()},
@@ -213,14 +213,14 @@ class PseudocoresetOptimizer:
     """Algorithm 2: every `every` epochs, `steps` Adam steps on (U, w) of the model's ByPE prior."""
 
     def __init__(self, model: nn.Module, data, *, every: int = 10, steps: Optional[int] = None,
-                 samples: Optional[int] = None, batch_size: int = 100, lr: float = 0.5, data_term: str = "auto",
-                 seed: int = 0, ctx=None, grad_path: str = "auto"):
+                 samples: Optional[int] = None, batch_size: int = 100, lr: float = 0.5, lr_u: float = 0.05,
+                 data_term: str = "auto", seed: int = 0, ctx=None, grad_path: str = "auto"):
         prior = model.prior
         if getattr(prior, "kind", None) != "bype":
             raise ValueError(f"prior.kind: the pseudocoreset optimiser needs the bype prior, got {prior.kind!r}")
         self.model, self.prior, self.likelihood = model, prior, model.likelihood
         self.n_data = int(data.n_train)
-        self.every, self.lr, self.seed = every, lr, seed
+        self.every, self.lr, self.lr_u, self.seed = every, lr, lr_u, seed
         self.steps = steps or max(1, self.n_data // batch_size)
         self.samples = samples or prior.n_components
         if self.samples < 2:
@@ -239,14 +239,15 @@ class PseudocoresetOptimizer:
         self.history: list[dict] = []  # one summary per update
         self.trace: list[float] = []  # the KL estimate at every step of the latest update
         self.step_seconds: list[float] = []
-        log.info("coreset: %s data term, %s gradients, M=%d, S=%d, %d steps every %d epochs, lr %g/(j+1)",
-                 self.mode, self.grad_path, prior.n_components, self.samples, self.steps, every, lr)
+        log.info("coreset: %s data term, %s gradients, M=%d, S=%d, %d steps every %d epochs, "
+                 "step sizes w %g/(j+1), U %g/(j+1)", self.mode, self.grad_path, prior.n_components,
+                 self.samples, self.steps, every, lr, lr_u)
 
     @classmethod
     def from_config(cls, cfg, model: nn.Module, data, ctx) -> "PseudocoresetOptimizer":
         c = cfg.coreset
         return cls(model, data, every=c.every, steps=c.steps, samples=c.samples, batch_size=c.batch_size,
-                   lr=c.lr, data_term=c.data_term, seed=cfg.seed, ctx=ctx)
+                   lr=c.lr, lr_u=c.lr_u, data_term=c.data_term, seed=cfg.seed, ctx=ctx)
 
     def due(self, epoch: int) -> bool:
         return epoch % self.every == 0
@@ -285,7 +286,8 @@ class PseudocoresetOptimizer:
                 if not (torch.isfinite(grad_U).all() and torch.isfinite(grad_w).all()):
                     skipped += 1  # a non-finite gradient would poison U, w and the Adam moments
                     continue
-                self.adam.step({"U": prior.U, "w": prior.w}, {"U": grad_U, "w": grad_w}, self.lr / (j + 1))
+                self.adam.step({"U": prior.U, "w": prior.w}, {"U": grad_U, "w": grad_w},
+                               {"U": self.lr_u / (j + 1), "w": self.lr / (j + 1)})
                 project_pseudodata(prior.U, self.likelihood.domain)
                 if project_weights(prior.w, self.n_data):
                     resets += 1
