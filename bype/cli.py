@@ -54,22 +54,9 @@ def _print_report(report: dict, run_dir: str) -> None:
 
 
 def _load_trained(run_dir: str, which: str):
-    import torch
+    from bype.trainer import load_trained
 
-    from bype import checkpoint
-    from bype.data import load_data
-    from bype.models import build_model
-    from bype.trainer import load_run_config
-
-    cfg = load_run_config(run_dir)
-    data = load_data(cfg)
-    bank = data.train_split().x.flatten(1) if cfg.prior.kind == "exemplar" else None
-    model = build_model(cfg, data.input_shape, bank)
-    state = checkpoint.load(os.path.join(run_dir, f"{which}.pt"))
-    model.load_state_dict(state["model"])
-    model.eval()
-    torch.manual_seed(cfg.seed)
-    return cfg, data, model
+    return load_trained(run_dir, which)
 
 
 def _cmd_eval(args) -> int:
@@ -151,11 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from bype.checkpoint import CheckpointError
     from bype.config import ConfigError
+    from bype.dist import ReplicaMismatchError
 
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError, ReplicaMismatchError) as e:
         if os.environ.get("BYPE_DEBUG"):
             raise
         print(f"bype: error: {e}", file=sys.stderr)

@@ -2,8 +2,13 @@
 
 `engine(x, idx, beta)` runs the model's forward (the loss) through the wrapper that synchronises
 gradients; `engine.backward(loss)` and `engine.step()` do the rest; `engine.module` is the bare model.
+`state_dict()` / `load_state_dict()` carry the optimiser inside the trainer's checkpoint;
+`save_checkpoint(epoch)` (every rank, before rank 0 writes that checkpoint) is where an engine with
+sharded state writes it (DeepSpeed); here it has nothing to do.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -22,7 +27,9 @@ class LocalEngine:
 
             dev = [ctx.device.index] if ctx.device.type == "cuda" else None
             # Buffers (the coreset U, w; the exemplar bank) are kept in sync explicitly, never broadcast per step.
-            self.wrapped = DistributedDataParallel(model, device_ids=dev, broadcast_buffers=False)
+            no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
+                inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False}
+            self.wrapped = DistributedDataParallel(model, device_ids=dev, **no_sync)
         self.optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
         self.grad_clip = cfg.train.grad_clip
 
@@ -38,10 +45,17 @@ class LocalEngine:
             nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         self.optimizer.step()
 
+    def save_checkpoint(self, epoch: int) -> None:
+        """The whole optimiser state fits in the trainer's checkpoint (`state_dict`)."""
+
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        if "optimizer" not in state:
+            from bype.checkpoint import CheckpointError
+
+            raise CheckpointError("the checkpoint was written by dist.engine=deepspeed; resume it with that engine")
         self.optimizer.load_state_dict(state["optimizer"])
 
 

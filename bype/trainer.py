@@ -21,7 +21,7 @@ import yaml
 from bype import checkpoint
 from bype.config import Config, config_from_dict, to_dict
 from bype.data import DataBundle, load_data
-from bype.dist import DistContext, barrier, init_distributed
+from bype.dist import DistContext, all_reduce_sum, barrier, broadcast, check_replicated, init_distributed
 from bype.engines import build_engine
 from bype.evaluate import evaluate, model_inputs, validation_loss
 from bype.metrics import MetricsWriter, Progress, read_metrics, setup_logging, truncate_metrics
@@ -54,6 +54,20 @@ def load_run_config(run_dir: str, overrides: Optional[list[str]] = None) -> Conf
     return cfg
 
 
+def load_trained(run_dir: str, which: str = "best"):
+    """(cfg, data, model) of a trained run: its saved config and data, the `which` checkpoint
+    ("best" or "last") loaded on CPU, the model in eval mode and the global RNG seeded by cfg.seed."""
+    cfg = load_run_config(run_dir)
+    data = load_data(cfg)
+    bank = data.train_split().x.flatten(1) if cfg.prior.kind == "exemplar" else None
+    model = build_model(cfg, data.input_shape, bank)
+    state = checkpoint.load(os.path.join(run_dir, f"{which}.pt"))
+    model.load_state_dict(state["model"])
+    model.eval()
+    torch.manual_seed(cfg.seed)
+    return cfg, data, model
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, ctx: Optional[DistContext] = None):
         self.cfg = cfg
@@ -82,6 +96,7 @@ class Trainer:
         self.stopped_early = False
         if resume:
             self._restore(os.path.join(self.run_dir, "last.pt"))
+        check_replicated(self._replicated(start=True), "model and RNG after " + ("resume" if resume else "start-up"))
         log.info("run %s: %s prior, %s arch, N=%d, %d steps/epoch, %d rank(s) on %s, kernels impl=%s",
                  self.run_dir, cfg.prior.kind, cfg.model.arch, self.data.n_train, len(self.data.train_loader),
                  self.ctx.world_size, self.ctx.device, self._kernel_impl())
@@ -96,6 +111,8 @@ class Trainer:
             raise FileNotFoundError(f"{self.run_dir}: nothing to resume (no last.pt)")
         if self.ctx.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
+            if not resume:
+                truncate_metrics(self.run_dir, 0)  # records of a run that died before its first checkpoint
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
                 yaml.safe_dump(to_dict(self.cfg), f, sort_keys=False)
         barrier()
@@ -129,7 +146,21 @@ class Trainer:
             "config": to_dict(self.cfg),
         }
 
+    def _replicated(self, start: bool = False) -> dict:
+        """State every rank must hold bit for bit: the prior's U, w and log-variance (the coreset); at
+        start-up also the whole model and the global RNG (it draws the Exemplar prior's subsets)."""
+        prior = self.model.prior
+        out = {k: getattr(prior, k) for k in ("U", "w", "log_var") if hasattr(prior, k)}
+        if start:
+            out.update({f"model.{k}": v for k, v in self.model.state_dict().items()})
+        if start or prior.kind == "exemplar":
+            out["rng.torch"] = torch.get_rng_state()
+            if self.ctx.device.type == "cuda":
+                out["rng.cuda"] = torch.cuda.get_rng_state(self.ctx.device)
+        return out
+
     def save(self, name: str) -> None:
+        self.engine.save_checkpoint(self.epoch)  # every rank; DeepSpeed's sharded state, before last.pt names it
         if self.ctx.is_main:
             checkpoint.save(self._state(), os.path.join(self.run_dir, name))
         barrier()
@@ -163,6 +194,7 @@ class Trainer:
         sums = {"loss": 0.0, "rec": 0.0, "kl": 0.0}
         n = 0
         profiler = self._profiler() if cfg.train.profile and epoch == self.epoch + 1 else None
+        t0 = time.time()
         for i, (x, _, idx) in enumerate(loader.epoch(epoch)):
             model.noise = RowNoise(cfg.seed, epoch, i, self.ctx.rank, self.ctx.world_size)
             x = model.preprocess(x.to(self.ctx.device, non_blocking=True))
@@ -182,7 +214,12 @@ class Trainer:
         bar.close()
         if profiler is not None:
             profiler.__exit__(None, None, None)
-        return {f"train_{k}": v / max(n, 1) for k, v in sums.items()} | {"beta": beta, "steps": n}
+        step_seconds = time.time() - t0
+        # Each rank saw its rows of every global batch: average over ranks for the global batch's loss.
+        totals = all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64, device=self.ctx.device))
+        sums = dict(zip(sums, (totals / self.ctx.world_size).tolist()))
+        return {f"train_{k}": v / max(n, 1) for k, v in sums.items()} | {
+            "beta": beta, "steps": n, "step_seconds": round(step_seconds, 3)}
 
     def _profiler(self):
         from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
@@ -205,9 +242,13 @@ class Trainer:
             record = {"epoch": epoch, **self.train_epoch(epoch)}
             if self.coreset is not None and self.coreset.due(epoch):
                 record.update({f"coreset_{k}": v for k, v in self.coreset.update(epoch).items()})
+                check_replicated(self._replicated(), f"coreset after the update of epoch {epoch}")
+            elif self.model.prior.kind == "exemplar":
+                check_replicated(self._replicated(), f"exemplar-subset RNG after epoch {epoch}")
             val = validation_loss(self.model, x_val)
             record.update({f"val_{k}": v for k, v in val.items()})
-            seconds = time.time() - t0
+            # Rank 0's clock for everyone: a time budget must stop all ranks after the same epoch.
+            seconds = broadcast(torch.tensor(time.time() - t0, dtype=torch.float64, device=self.ctx.device)).item()
             self.train_seconds += seconds
             self.epoch = epoch
             record.update(step=self.step, epoch_seconds=round(seconds, 3),
