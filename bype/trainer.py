@@ -30,6 +30,7 @@ from bype.models.noise import RowNoise
 from bype.sampling import save_coreset, save_curves, save_samples
 
 log = logging.getLogger("bype")
+BUDGET_CHECK_STEPS = 10  # how often a step checks the wall-clock budget (a broadcast under DDP)
 
 
 def seed_everything(seed: int) -> None:
@@ -183,8 +184,14 @@ class Trainer:
         w = self.cfg.train.warmup_epochs
         return 1.0 if w == 0 else min(1.0, epoch / w)
 
-    def train_epoch(self, epoch: int) -> dict:
-        """Run epoch `epoch` (1-based)."""
+    def _over_budget(self, epoch_start: float, budget: float) -> bool:
+        """Rank 0's clock decides for every rank, so all of them stop after the same step."""
+        over = torch.tensor(float(self.train_seconds + time.time() - epoch_start > budget), device=self.ctx.device)
+        return bool(broadcast(over).item())
+
+    def train_epoch(self, epoch: int, budget: float = math.inf) -> dict:
+        """Run epoch `epoch` (1-based). A wall-clock `budget` (seconds of training, all epochs) that runs
+        out mid-epoch ends the epoch early: slow priors (Exemplar: minutes per epoch) still stop on time."""
         cfg, model = self.cfg, self.model
         model.train()
         model.prior.on_epoch_start(model)
@@ -211,6 +218,9 @@ class Trainer:
             bar.update(1, loss=loss.item())
             if profiler is not None:
                 profiler.step()
+            if budget < math.inf and n % BUDGET_CHECK_STEPS == 0 and self._over_budget(t0, budget):
+                log.info("time budget reached after %d of %d steps of epoch %d", n, len(loader), epoch)
+                break
         bar.close()
         if profiler is not None:
             profiler.__exit__(None, None, None)
@@ -239,7 +249,7 @@ class Trainer:
         while self.epoch < cfg.train.epochs and not self.stopped_early and self.train_seconds < budget:
             epoch = self.epoch + 1
             t0 = time.time()
-            record = {"epoch": epoch, **self.train_epoch(epoch)}
+            record = {"epoch": epoch, **self.train_epoch(epoch, budget)}
             if self.coreset is not None and self.coreset.due(epoch):
                 record.update({f"coreset_{k}": v for k, v in self.coreset.update(epoch).items()})
                 check_replicated(self._replicated(), f"coreset after the update of epoch {epoch}")

@@ -84,3 +84,11 @@ def test_importance_sampling_bounds_elbo_and_rises_with_samples(tmp_path, fmnist
     assert (ll_large.mean() >= elbo_small.mean())
     assert ll_small.mean() > elbo_small.mean() + 0.5
     assert ll_large.mean() > ll_small.mean() + 0.2  # the IS bound tightens with S
+
+
+def test_time_budget_ends_a_slow_epoch_early(tmp_path, fmnist_root):
+    cfg = tiny_config(tmp_path, "prior.kind=gaussian", "train.epochs=50", "train.max_minutes=0.001", "name=budget")
+    summary = Trainer(cfg).fit()
+    records = read_metrics(cfg.run_dir)
+    assert summary["stop_reason"] == "time budget" and summary["epochs"] == 1
+    assert records[0]["steps"] == 10  # stopped at the first budget check, not after all 20 steps
