@@ -199,31 +199,38 @@ def _merge(obj: Any, data: dict, prefix: str = "") -> None:
             setattr(obj, key, _coerce(full, value, types[key]))
 
 
+def read_yaml_mapping(path: str, key: str = "") -> dict:
+    """A YAML (or JSON) file holding a mapping; errors name the config `key` that gave the path, if any."""
+    where = f"{key}: {path}" if key else path
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: invalid YAML/JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: top level must be a mapping")
+    return data
+
+
 def _read_yaml(path: str, seen: tuple = ()) -> dict:
     """Read a YAML file, resolving `base:` (a path or a list of paths relative to the file, applied in
     order, the file itself last) recursively."""
     if path in seen:
         raise ConfigError(f"{path}: circular 'base:' chain")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+    data = read_yaml_mapping(path)
     bases = data.pop("base", None) or []
     merged: dict = {}
     for base in [bases] if isinstance(bases, str) else bases:
-        merged = _deep_update(merged, _read_yaml(os.path.join(os.path.dirname(path), base), seen + (path,)))
-    return _deep_update(merged, data)
+        merged = deep_update(merged, _read_yaml(os.path.join(os.path.dirname(path), base), seen + (path,)))
+    return deep_update(merged, data)
 
 
-def _deep_update(base: dict, over: dict) -> dict:
+def deep_update(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

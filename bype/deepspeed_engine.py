@@ -26,10 +26,9 @@ import warnings
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from bype.checkpoint import CheckpointError
-from bype.config import ConfigError, _deep_update
+from bype.config import ConfigError, deep_update, read_yaml_mapping
 from bype.optim import build_optimizer
 
 log = logging.getLogger("bype")
@@ -62,16 +61,7 @@ class PartitionedNormalizedAdam(torch.optim.Adam):
 
 def read_block(path: str) -> dict:
     """A DeepSpeed config block, JSON or YAML (YAML reads JSON too)."""
-    try:
-        with open(path) as f:
-            block = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"dist.deepspeed_config: {path} not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"dist.deepspeed_config: {path} is not valid JSON/YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(block, dict):
-        raise ConfigError(f"dist.deepspeed_config: {path} must hold a mapping")
-    return block
+    return read_yaml_mapping(path, "dist.deepspeed_config")
 
 
 def build_deepspeed_config(cfg, world_size: int) -> dict:
@@ -93,7 +83,7 @@ def build_deepspeed_config(cfg, world_size: int) -> dict:
     if d.deepspeed_config:
         block = read_block(d.deepspeed_config)
         _check_block(block, out, d.deepspeed_config)
-        out = _deep_update(out, block)
+        out = deep_update(out, block)
     stage = out.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2):
         raise ConfigError(f"dist.zero_stage: ZeRO stage {stage} is not supported (0-2): validation, sampling and "

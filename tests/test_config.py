@@ -57,7 +57,7 @@ def test_bad_yaml_file(tmp_path):
     p.write_text("train:\n  nope: 1\n")
     with pytest.raises(ConfigError, match="train.nope: unknown key"):
         load_config(str(p))
-    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+    with pytest.raises(ConfigError, match="missing.yaml: file not found"):
         load_config(str(tmp_path / "missing.yaml"))
 
 

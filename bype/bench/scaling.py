@@ -33,6 +33,8 @@ import time
 
 import torch
 
+from bype.bench._report import write_report
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--procs", default=None, help="comma-separated process counts (default 1,2 on CPU; "
@@ -126,12 +128,5 @@ def run(args) -> int:
     report = {"engine": args.engine, "device": args.device, "train_limit": args.train_limit,
               "epochs": args.epochs, "every": args.every, "config": args.config, "overrides": args.overrides,
               "machine": machine, "rows": rows}
-    text = table(rows, args.every)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "scaling.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(args.out, "scaling.md"), "w") as f:
-        f.write(text + "\n")
-    print("\n" + text)
-    print(f"\nwrote {os.path.join(args.out, 'scaling.json')}")
+    write_report(args.out, "scaling", report, table(rows, args.every))
     return 0

@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from bype.bench._report import write_report
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "configs" / "fashion-mnist" / "vae-bype.yaml"
 PRIORS = ("gaussian", "vampprior", "exemplar", "bype")
@@ -116,13 +118,7 @@ def run(args) -> int:
               "load_average": {"before": load_before, "after": _warn_if_busy(device, threads)},
               "matmul": {"n": size, "flops_per_s": peak}, "memory_method": method,
               "command": command_line(args), "rows": results}
-    table = format_table(report)
-    with open(os.path.join(args.out, "speed.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(args.out, "speed.md"), "w") as f:
-        f.write(table + "\n")
-    print("\n" + table)
-    print(f"\nwritten: {os.path.join(args.out, 'speed.json')}, {os.path.join(args.out, 'speed.md')}")
+    write_report(args.out, "speed", report, format_table(report))
     return 1 if any("error" in r for r in results) else 0
 
 
