@@ -87,7 +87,7 @@ def test_importance_sampling_bounds_elbo_and_rises_with_samples(tmp_path, fmnist
 
 
 def test_time_budget_ends_a_slow_epoch_early(tmp_path, fmnist_root):
-    cfg = tiny_config(tmp_path, "prior.kind=gaussian", "train.epochs=50", "train.max_minutes=0.001", "name=budget")
+    cfg = tiny_config(tmp_path, "prior.kind=gaussian", "train.epochs=50", "train.max_minutes=0.000001", "name=budget")
     summary = Trainer(cfg).fit()
     records = read_metrics(cfg.run_dir)
     assert summary["stop_reason"] == "time budget" and summary["epochs"] == 1
