@@ -9,24 +9,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
+from tests.helpers import triton_skip_reason  # noqa: E402
 # the package attribute `coreset_grads` is the function; the module is reached explicitly
 cg = importlib.import_module("kernels.coreset_grads")
 from kernels import coreset_reference as ref  # noqa: E402
 
 
-def _triton_usable() -> str:
-    if not kernels.triton_available():
-        return "triton not installed"
-    if not kernels.interpreter_enabled():
-        return "TRITON_INTERPRET is not 1"
-    try:
-        cg._triton_module(torch.device("cpu"))
-    except RuntimeError as e:
-        return str(e)
-    return ""
-
-
-TRITON_SKIP = _triton_usable()
+TRITON_SKIP = triton_skip_reason(cg._triton_module)
 IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(bool(TRITON_SKIP), reason=TRITON_SKIP))]
 LIKELIHOODS = ["bernoulli", "logistic"]
 
