@@ -18,10 +18,14 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 # torch is pinned first: the 2.13.0 CPU wheel is on local disk; an unpinned torch would pull a CUDA build.
-if ! .venv/bin/python -c "import torch, bype" 2>/dev/null; then
+# The install is redone whenever pyproject.toml changes (its hash is kept in the venv).
+STAMP=.venv/.bype-pyproject.sha256
+WANT=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! .venv/bin/python -c "import torch, bype" 2>/dev/null; then
   echo "[bootstrap] installing torch and bype[dev]"
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q "torch==2.13.0" numpy
   .venv/bin/pip install -q -e ".[dev]"
+  echo "$WANT" > "$STAMP"
 fi
 echo "[bootstrap] ready: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"
