@@ -53,18 +53,13 @@ def _print_report(report: dict, run_dir: str) -> None:
             print(f"{k.replace('_png', '')}: {report[k]}")
 
 
-def _load_trained(run_dir: str, which: str):
-    from bype.trainer import load_trained
-
-    return load_trained(run_dir, which)
-
-
 def _cmd_eval(args) -> int:
     from bype.evaluate import evaluate
     from bype.metrics import setup_logging
+    from bype.trainer import load_trained
 
     setup_logging()
-    cfg, data, model = _load_trained(args.run_dir, args.checkpoint)
+    cfg, data, model = load_trained(args.run_dir, args.checkpoint)
     report = evaluate(model, data.test, data.train_split(), args.samples, args.batch,
                       [] if args.no_knn else cfg.eval.knn_k, limit=args.limit)
     out = os.path.join(args.run_dir, f"eval_S{args.samples}.json")
@@ -77,8 +72,9 @@ def _cmd_eval(args) -> int:
 
 def _cmd_sample(args) -> int:
     from bype.sampling import save_samples
+    from bype.trainer import load_trained
 
-    _, _, model = _load_trained(args.run_dir, args.checkpoint)
+    _, _, model = load_trained(args.run_dir, args.checkpoint)
     out = args.out or os.path.join(args.run_dir, "samples.png")
     print(f"samples: {save_samples(model, out, args.n, args.seed)}")
     return 0

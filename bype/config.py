@@ -258,19 +258,16 @@ def _nest(key: str, value: Any) -> dict:
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Defaults <- YAML file (with base chain) <- dotted overrides; then validate."""
+    return config_from_dict(_read_yaml(path) if path else {}, overrides)
+
+
+def config_from_dict(data: dict, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults <- a nested dict (e.g. a run's saved config.yaml) <- dotted overrides; then validate."""
     cfg = Config()
-    if path:
-        _merge(cfg, _read_yaml(path))
+    _merge(cfg, data)
     for item in overrides or []:
         key, value = parse_override(item)
         _merge(cfg, _nest(key, value))
-    validate(cfg)
-    return cfg
-
-
-def config_from_dict(data: dict) -> Config:
-    cfg = Config()
-    _merge(cfg, data)
     validate(cfg)
     return cfg
 

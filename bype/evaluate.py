@@ -12,12 +12,19 @@ from bype.data.memory import Split, iterate_eval
 EVAL_SEED = 20211206  # fixed binarisation of validation / test data: the same inputs every evaluation
 
 
-@torch.no_grad()
-def model_inputs(model, split: Split, batch_size: int = 1000) -> torch.Tensor:
-    """Flattened model inputs of a whole split; Bernoulli data binarised once with a fixed seed."""
+def _eval_batches(model, split: Split, batch_size: int):
+    """Flattened model inputs of a split, batch by batch; Bernoulli data binarised with a fixed seed,
+    so every evaluation (NLL, validation, kNN) sees the same inputs."""
     g = torch.Generator().manual_seed(EVAL_SEED)
     dev = next(model.parameters()).device
-    return torch.cat([model.preprocess(x, generator=g) for x, _ in iterate_eval(split, batch_size)]).to(dev)
+    for x, _ in iterate_eval(split, batch_size):
+        yield model.preprocess(x, generator=g).to(dev)
+
+
+@torch.no_grad()
+def model_inputs(model, split: Split, batch_size: int = 1000) -> torch.Tensor:
+    """Flattened model inputs of a whole split (see _eval_batches)."""
+    return torch.cat(list(_eval_batches(model, split, batch_size)))
 
 
 @torch.no_grad()
@@ -66,10 +73,7 @@ def importance_sampled_ll(model, x: torch.Tensor, n_samples: int, max_rows: int 
 
 @torch.no_grad()
 def encoder_means(model, split: Split, batch_size: int = 1000) -> torch.Tensor:
-    dev = next(model.parameters()).device
-    g = torch.Generator().manual_seed(EVAL_SEED)
-    out = [model.encode_flat(model.preprocess(x, generator=g).to(dev))[0].cpu() for x, _ in iterate_eval(split, batch_size)]
-    return torch.cat(out)
+    return torch.cat([model.encode_flat(x)[0].cpu() for x in _eval_batches(model, split, batch_size)])
 
 
 def knn_accuracy(model, train: Split, test: Split, ks: list[int]) -> dict[str, float]:

@@ -41,18 +41,11 @@ def seed_everything(seed: int) -> None:
 
 def load_run_config(run_dir: str, overrides: Optional[list[str]] = None) -> Config:
     """The resolved config saved in a run directory, with optional dotted overrides on top."""
-    from bype.config import _merge, _nest, parse_override, validate
-
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: not a run directory (no config.yaml)")
     with open(path) as f:
-        cfg = config_from_dict(yaml.safe_load(f))
-    for item in overrides or []:
-        key, value = parse_override(item)
-        _merge(cfg, _nest(key, value))
-    validate(cfg)
-    return cfg
+        return config_from_dict(yaml.safe_load(f), overrides)
 
 
 def load_trained(run_dir: str, which: str = "best"):
