@@ -1,0 +1,64 @@
+"""launch/gpu-check.sh on a machine without a GPU: the dry run, and the summary it would write."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bype.bench import gpu_check
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dry_run_lists_every_step_and_checks_the_environment(fmnist_root):
+    env = {**os.environ, "PYTHON": sys.executable, "BYPE_FMNIST_ROOT": fmnist_root}
+    p = subprocess.run(["bash", "launch/gpu-check.sh", "--dry-run"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for step in gpu_check.plan(Path("out"), fmnist_root):
+        assert f"[{step.name}]" in p.stdout
+    assert "problem:" not in p.stdout
+    assert ("no CUDA device here" in p.stdout) != ("CUDA device present" in p.stdout)
+
+
+def test_dry_run_names_missing_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "FMNIST_CANDIDATES", (str(tmp_path / "nowhere"),))
+    monkeypatch.delenv("BYPE_FMNIST_ROOT", raising=False)
+    monkeypatch.chdir(ROOT)
+    assert gpu_check.main(["--dry-run"]) == 1
+
+
+def test_unknown_step_is_one_line_error():
+    with pytest.raises(SystemExit, match="unknown step"):
+        gpu_check.main(["--dry-run", "--only", "kernel_tset"])
+
+
+def _write_run(root: Path, name: str, val_losses, ms_per_step):
+    run = root / "runs" / name
+    run.mkdir(parents=True)
+    lines = [json.dumps(dict(epoch=i + 1, train_loss=v + 1, val_loss=v, steps=100,
+                             step_seconds=ms_per_step / 10)) for i, v in enumerate(val_losses)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_training_comparison_and_summary(tmp_path):
+    _write_run(tmp_path, "triton", [300.0, 260.0, 250.0], 12.0)
+    _write_run(tmp_path, "torch", [300.0, 260.13, 250.0], 15.0)  # 5e-4 apart at epoch 2
+    results = {n: dict(name=n, what="", argv=[], rc=0, seconds=1.0, **gpu_check.parse(n, "", tmp_path))
+               for n in ("train_triton", "train_torch")}
+    cmp_ = gpu_check.compare_training(results)
+    assert cmp_["common_epochs"] == 3
+    assert cmp_["max_rel_val_diff"] == pytest.approx(0.13 / 260.13)
+    assert cmp_["equal_within_1e3"]
+    assert cmp_["ms_per_step_triton"] == pytest.approx(12.0) and cmp_["ms_per_step_torch"] == pytest.approx(15.0)
+    md = gpu_check.summary_markdown(results, dict(date="today", training_comparison=cmp_))
+    assert "3 common epochs" in md and "triton 12.0" in md
+
+
+def test_triton_ratios_against_each_baseline():
+    rows = [dict(impl=i, passes="fwdbwd", B=8, M=16, d=4, time_s=t)
+            for i, t in (("naive", 4e-3), ("compiled", 2e-3), ("triton", 1e-3))]
+    (line,) = gpu_check.triton_ratios(rows)
+    assert "naive 4.00x" in line and "compiled 2.00x" in line
