@@ -16,17 +16,22 @@ same maths with torch matmuls on tiles of components.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Union
 
 import torch
 from torch import Tensor
 
 from . import mixture_reference as ref
+from . import tiling
 from .dispatch import resolve_impl
 
 
 LOG_2PI = ref.LOG_2PI
-MAX_TRITON_D = 128  # whole feature dimension lives in one tile (shared memory bound)
+LOG2E = 1.0 / math.log(2.0)
+LN2 = math.log(2.0)
+MAX_TRITON_K = 128  # columns of L / R (d isotropic, 2d diagonal): bounds registers and shared memory
 
 # ========================================================================================
 # 1. Launchers (triton imported lazily, see kernels/mixture_triton.py)
@@ -44,101 +49,256 @@ def _triton_module(device: torch.device):
 
 
 # (BLOCK_B, BLOCK_M) under the interpreter, whose cost is per program instance: big tiles.
-# Tests lower it to exercise several tiles and masked edges on small shapes.
+# Tests lower it to exercise several tiles, splits and padded edges on small shapes.
 CPU_BLOCKS = (64, 64)
+# Below this many (row, component) pairs a launch has too few 64 x 64 tiles to fill a GPU.
+SMALL_WORK = 1 << 21
 
 
-def _blocks(B: int, M: int, d: int, device: torch.device):
-    """(BLOCK_B, BLOCK_M, BLOCK_D, num_stages). CUDA tiles keep every kernel <= 128 KiB of
-    shared memory on sm_80 and sm_90 with 3xTF32 dots (checked by compiling for both)."""
-    block_d = max(16, 1 << max(0, (d - 1).bit_length()))  # tl.dot needs every dim >= 16
-    if device.type == "cpu":
-        return CPU_BLOCKS[0], CPU_BLOCKS[1], block_d, 1
-    if block_d <= 64:
-        return 64, 64, block_d, 2
-    return 64, 32, block_d, 2
+# CUDA tiles (BLOCK_B, BLOCK_M, num_warps) per kernel and K (columns of L / R: d isotropic, 2d
+# diagonal, padded to a power of two), for problems of more than SMALL_WORK pairs. Chosen with
+# `bype bench kernels --compile-report sm_90 / sm_80`: the largest tiles with zero spills. The
+# fixed operand's hi and lo parts live in registers for the whole loop, so the wide-K backward
+# kernels shrink the non-looped side (docs/KERNELS.md, "Tile table").
+CUDA_TILES = {
+    90: {
+        "fwd": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 4)},
+        "bwd_z": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 16, 4)},
+        "bwd_m": {16: (64, 64, 4), 32: (64, 64, 4), 64: (32, 64, 4), 128: (16, 64, 4)},
+    },
+    80: {  # mma.sync keeps more of each tile in registers than wgmma: smaller backward tiles
+        "fwd": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 4)},
+        "bwd_z": {16: (64, 64, 4), 32: (64, 64, 4), 64: (32, 64, 4), 128: (16, 32, 4)},
+        "bwd_m": {16: (64, 64, 4), 32: (32, 64, 4), 64: (32, 64, 4), 128: (16, 32, 4)},
+    },
+}
+SMALL_TILES = (32, 32, 4)  # B * M <= SMALL_WORK: more programs for the training shape (100, 500)
 
 
-def _blocks_diag(B: int, M: int, d: int, device: torch.device):
-    bb, bm, bd, st = _blocks(B, M, d, device)
-    if device.type == "cpu":
-        return bb, bm, bd, st
-    # two [BLOCK_M, BLOCK_D] operands per step: halve the component tile
-    return (64, 32, bd, st) if bd <= 64 else (32, 32, bd, st)
+def tile_config(kernel: str, B: int, M: int, K: int, target: tiling.Target) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_M, num_warps, num_stages) of one mixture kernel ('fwd', 'bwd_z', 'bwd_m').
+
+    Three pipeline stages where the hi + lo tiles of the looped-over operand fit shared memory
+    three times over next to the fixed operand (sm_80: 163 KiB, sm_90: 227 KiB per block), else
+    two (no entry of the table needs two today)."""
+    if not target.cuda:
+        return CPU_BLOCKS[0], CPU_BLOCKS[1], 1, 1
+    arch = tiling.table_arch(target)
+    bb, bm, warps = SMALL_TILES if B * M <= SMALL_WORK else CUDA_TILES[arch][kernel][K]
+    loop_rows, fixed_rows = (bb, bm) if kernel == "bwd_m" else (bm, bb)
+    per_stage = 2 * loop_rows * K * 4
+    # sm_90 (wgmma) reads the fixed operand from shared memory; sm_80 keeps it in registers and
+    # needs one buffer more than it has stages (measured by the compile report)
+    fixed = 2 * fixed_rows * K * 4 if arch >= 90 else per_stage
+    stages = 3 if fixed + 3 * per_stage <= tiling.SHARED_LIMIT[arch] else 2
+    return bb, bm, warps, stages
 
 
-def _precision(device: torch.device) -> str:
-    # Plain TF32 (10-bit mantissa) would ruin the distances; 3xTF32 keeps ~fp32 accuracy on
-    # tensor cores. The interpreter computes in fp32 whatever is asked.
-    return "tf32x3" if (device.type == "cuda" and torch.version.hip is None) else "ieee"
+def _precision(target: tiling.Target) -> str:
+    # 3xTF32 (hi/lo parts split on the host, three chained tf32 dots) keeps ~fp32 accuracy on
+    # tensor cores; plain tf32 (10-bit mantissa) would ruin the distances. The interpreter (and
+    # ROCm) compute the same three dots in ieee fp32.
+    return "tf32" if (target.cuda and torch.version.hip is None) else "ieee"
 
 
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
+def _pad_rows(t: Tensor, rows: int, value: float) -> Tensor:
+    if t.shape[0] == rows:
+        return t.contiguous()
+    pad = t.new_full((rows - t.shape[0], *t.shape[1:]), value)
+    return torch.cat([t, pad]).contiguous()
 
 
-def _triton_prepare(z, means, log_weights, log_var):
-    """Centre inputs (fp32, contiguous) and build the per-component constants the kernels
-    read: c (log weight + normaliser), q (|m|^2 or sum P m^2) and p (precision)."""
-    zc, mc, lw, lv = ref._prepare(z, means, log_weights, log_var)
-    zc, mc, lw, lv = (t.float().contiguous() for t in (zc, mc, lw, lv))
-    M, d = mc.shape
+def _pad_cols(t: Tensor, cols: int) -> Tensor:
+    return torch.nn.functional.pad(t, (0, cols - t.shape[1])) if t.shape[1] < cols else t
+
+
+@dataclass
+class _Operands:
+    """Host-built kernel operands (see kernels/mixture_triton.py), rows padded to the tiles."""
+    mode: str
+    B: int
+    M: int
+    d: int
+    K: int
+    B_pad: int
+    M_pad: int
+    zc: Tensor      # centred z, fp32 [B, d]
+    mc: Tensor      # centred means, fp32 [M, d]
+    p: Tensor       # precision, [M] or [M, d]
+    l_hi: Tensor    # [B_pad, K]
+    l_lo: Tensor
+    r_hi: Tensor    # [M_pad, K]
+    r_lo: Tensor
+    zz: Tensor      # [B_pad]
+    c2: Tensor      # [M_pad] log2 units, -inf padding
+    p2: Tensor
+    q: Tensor
+    w: Tensor       # responsibility weight of grad z: p (isotropic) or 1 (diagonal)
+
+
+def _k_of(mode: str, d: int) -> int:
+    return tiling.pow2_at_least((2 if mode == "diag" else 1) * d)
+
+
+def _padding(B: int, M: int, K: int, target: tiling.Target) -> tuple[int, int]:
+    """Row counts that every kernel's tiles divide (tiles are powers of two)."""
+    cfgs = [tile_config(k, B, M, K, target) for k in ("fwd", "bwd_z", "bwd_m")]
+    pb = max(c[0] for c in cfgs)
+    pm = max(c[1] for c in cfgs)
+    return tiling.cdiv(max(B, 1), pb) * pb, tiling.cdiv(M, pm) * pm
+
+
+def _operands(z, means, log_weights, log_var, target: tiling.Target) -> _Operands:
+    zc, mc, lw, lv = (t.float() for t in ref._prepare(z, means, log_weights, log_var))
+    B, d = zc.shape
+    M = mc.shape[0]
     mode = ref.log_var_mode(log_var)
+    K = _k_of(mode, d)
+    B_pad, M_pad = _padding(B, M, K, target)
     if mode == "diag":
-        p = torch.exp(-lv).contiguous()
-        pm = (p * mc).contiguous()
-        q = (pm * mc).sum(1).contiguous()
-        c = (lw - 0.5 * (LOG_2PI * d + lv.sum(1))).contiguous()
-        return zc, pm, mc, c, q, p, mode
-    lvm = lv.expand(M)
-    p = torch.exp(-lvm).contiguous()
-    q = (mc * mc).sum(1).contiguous()
-    c = (lw - 0.5 * d * (LOG_2PI + lvm)).contiguous()
-    return zc, mc, mc, c, q, p, mode
+        p = torch.exp(-lv)
+        L = torch.cat([zc * zc, zc], 1)
+        R = torch.cat([p, -2.0 * p * mc], 1)
+        zz = zc.new_zeros(B)
+        q = (p * mc * mc).sum(1)
+        c = lw - 0.5 * (LOG_2PI * d + lv.sum(1))
+        p2 = torch.full_like(c, 0.5 * LOG2E)
+        w = torch.ones_like(c)
+    else:
+        p = torch.exp(-lv.expand(M))
+        L, R = zc, -2.0 * mc  # x2 is exact: the hi/lo split of R is that of m
+        zz = (zc * zc).sum(1)
+        q = (mc * mc).sum(1)
+        c = lw - 0.5 * d * (LOG_2PI + lv.expand(M))
+        p2 = 0.5 * LOG2E * p
+        w = p
+    l_hi, l_lo = tiling.tf32_split(_pad_rows(_pad_cols(L, K), B_pad, 0.0))
+    r_hi, r_lo = tiling.tf32_split(_pad_rows(_pad_cols(R, K), M_pad, 0.0))
+    return _Operands(mode, B, M, d, K, B_pad, M_pad, zc, mc, p, l_hi, l_lo, r_hi, r_lo,
+                     _pad_rows(zz, B_pad, 0.0), _pad_rows(LOG2E * c, M_pad, -math.inf),
+                     _pad_rows(p2, M_pad, 0.0), _pad_rows(q, M_pad, 0.0), _pad_rows(w, M_pad, 0.0))
+
+
+def _meta(kernel: str, ops: _Operands, target: tiling.Target) -> dict:
+    bb, bm, warps, stages = tile_config(kernel, ops.B, ops.M, ops.K, target)
+    return dict(BLOCK_B=bb, BLOCK_M=bm, BLOCK_K=ops.K, PRECISION=_precision(target),
+                num_warps=warps, num_stages=stages)
+
+
+def _launch(kernel: str, ops: _Operands, target: tiling.Target, inputs: tuple, parts: list[tuple]):
+    """One mixture kernel call: programs over tiles of z rows ('fwd', 'bwd_z') or of components
+    ('bwd_m'), the other side looped over and split until the grid fills the device. Returns
+    the Launch and its partial outputs, [splits, padded rows, *shape] for each shape in parts."""
+    meta = _meta(kernel, ops, target)
+    b_tiles, m_tiles = ops.B_pad // meta["BLOCK_B"], ops.M_pad // meta["BLOCK_M"]
+    over_rows = kernel != "bwd_m"
+    tiles, loop_tiles = (b_tiles, m_tiles) if over_rows else (m_tiles, b_tiles)
+    splits, per = tiling.split(loop_tiles, tiles, target)
+    rows = ops.B_pad if over_rows else ops.M_pad
+    outs = [ops.zz.new_empty(splits, rows, *shape) for shape in parts]
+    args = (ops.l_hi, ops.l_lo, ops.r_hi, ops.r_lo, ops.zz, ops.c2, ops.p2, ops.q, *inputs, *outs,
+            ops.B_pad, ops.M_pad, per)
+    return tiling.Launch(f"_mixture_{kernel}_kernel", (tiles, splits), args, meta), outs
+
+
+def forward_launch(ops: _Operands, target: tiling.Target):
+    """Partial max and sum of 2^s2 per (split, row)."""
+    return _launch("fwd", ops, target, (), [(), ()])
+
+
+def _backward_rows(ops: _Operands, grad: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    """(lse2, g) padded: rows of zero density (lse = -inf) get g = 0 and lse2 = +inf so that
+    every 2^(s2 - lse2) is 0; NaN rows stay NaN (bad inputs must show)."""
+    lse = out.detach().float()
+    dead = lse == -math.inf
+    lse2 = torch.where(dead, math.inf, lse * LOG2E)
+    g = torch.where(dead, 0.0, grad.detach().float())
+    return _pad_rows(lse2, ops.B_pad, math.inf), _pad_rows(g, ops.B_pad, 0.0)
+
+
+def backward_z_launch(ops: _Operands, lse2: Tensor, g: Tensor, target: tiling.Target):
+    """Partial sum_m G w R[m] [.., K] and sum_m G w per (split, row)."""
+    return _launch("bwd_z", ops, target, (ops.w, lse2, g), [(ops.K,), ()])
+
+
+def backward_m_launch(ops: _Operands, lse2: Tensor, g: Tensor, target: tiling.Target):
+    """Partial sum_b G L[b] [.., K], sum_b G and sum_b G d2 per (split, component)."""
+    return _launch("bwd_m", ops, target, (lse2, g), [(ops.K,), (), ()])
+
+
+def all_launches(B: int, M: int, d: int, mode: str, target: tiling.Target) -> list[tiling.Launch]:
+    """Every kernel call of one forward + backward at these sizes, built on the meta device
+    (no memory, no GPU): what ``bype bench kernels --compile-report`` compiles."""
+    meta_dev = torch.device("meta")
+    z = torch.empty(B, d, device=meta_dev)
+    means = torch.empty(M, d, device=meta_dev)
+    lv = torch.empty({"shared": (), "component": (M,), "diag": (M, d)}[mode], device=meta_dev)
+    ops = _operands(z, means, torch.empty(M, device=meta_dev), lv, target)
+    lse2, g = _backward_rows(ops, torch.empty(B, device=meta_dev), torch.empty(B, device=meta_dev))
+    return [forward_launch(ops, target)[0], backward_z_launch(ops, lse2, g, target)[0],
+            backward_m_launch(ops, lse2, g, target)[0]]
+
+
+def _run(launch: tiling.Launch, device: torch.device) -> None:
+    getattr(_triton_module(device), launch.kernel)[launch.grid](*launch.args, **launch.meta)
 
 
 def triton_forward(z: Tensor, means: Tensor, log_weights: Tensor, log_var: Tensor) -> Tensor:
     """Forward on the Triton path; returns fp32 [B]."""
-    B, d = z.shape
-    M = means.shape[0]
-    zc, mk, mc, c, q, p, mode = _triton_prepare(z, means, log_weights, log_var)
-    out = torch.empty(B, dtype=torch.float32, device=z.device)
+    B = z.shape[0]
     if B == 0:
-        return out
-    bb, bm, bd, st = (_blocks_diag if mode == "diag" else _blocks)(B, M, d, z.device)
-    _triton_module(z.device)._mixture_fwd_kernel[(_cdiv(B, bb),)](
-        zc, mk, c, q, p, out, B, M, d, zc.stride(0), mk.stride(0),
-        DIAG=mode == "diag", BLOCK_B=bb, BLOCK_M=bm, BLOCK_D=bd, PRECISION=_precision(z.device),
-        num_stages=st)
-    return out
+        return torch.empty(0, dtype=torch.float32, device=z.device)
+    target = tiling.target_for(z.device)
+    ops = _operands(z, means, log_weights, log_var, target)
+    launch, (pmax, psum) = forward_launch(ops, target)
+    _run(launch, z.device)
+    # combine the splits in a fixed order (deterministic); all -inf: -inf + log2(0) = -inf
+    mx = pmax.max(0).values
+    safe = torch.where(mx == -math.inf, 0.0, mx)
+    total = (psum * torch.exp2(pmax - safe)).sum(0)
+    return ((mx + torch.log2(total)) * LN2)[:B]
 
 
 def triton_backward(grad: Tensor, z: Tensor, means: Tensor, log_weights: Tensor, log_var: Tensor,
-                    out: Tensor):
+                    out: Tensor, need_z: bool = True, need_components: bool = True):
     B, d = z.shape
     M = means.shape[0]
-    zc, mk, mc, c, q, p, mode = _triton_prepare(z, means, log_weights, log_var)
-    lse = out.detach().float()
-    g = grad.detach().float()
-    ok = torch.isfinite(lse)  # rows with zero density: no gradient instead of NaN
-    g = torch.where(ok, g, torch.zeros_like(g)).contiguous()
-    lse = torch.where(ok, lse, torch.zeros_like(lse)).contiguous()
-    gz = torch.zeros_like(zc)
-    gm = torch.zeros_like(mc)
-    gw = torch.zeros(M, dtype=torch.float32, device=z.device)
-    glv = torch.zeros((M, d) if mode == "diag" else (M,), dtype=torch.float32, device=z.device)
-    if B > 0:
-        mt = _triton_module(z.device)
-        bb, bm, bd, st = (_blocks_diag if mode == "diag" else _blocks)(B, M, d, z.device)
-        meta = dict(DIAG=mode == "diag", BLOCK_B=bb, BLOCK_M=bm, BLOCK_D=bd, PRECISION=_precision(z.device),
-                    num_stages=st)
-        mt._mixture_bwd_z_kernel[(_cdiv(B, bb),)](
-            zc, mk, mc, c, q, p, lse, g, gz, B, M, d, zc.stride(0), mk.stride(0), **meta)
-        mt._mixture_bwd_m_kernel[(_cdiv(M, bm),)](
-            zc, mk, mc, c, q, p, lse, g, gm, gw, glv, B, M, d, zc.stride(0), mk.stride(0), **meta)
-    if mode == "shared":
-        glv = glv.sum()
-    return (gz.to(z.dtype), gm.to(means.dtype), gw.to(log_weights.dtype), glv.to(log_var.dtype))
+    mode = ref.log_var_mode(log_var)
+    gz = gm = gw = glv = None
+    if B > 0 and (need_z or need_components):
+        target = tiling.target_for(z.device)
+        ops = _operands(z, means, log_weights, log_var, target)
+        lse2, g = _backward_rows(ops, grad, out)
+        if need_z:
+            launch, (py, pr) = backward_z_launch(ops, lse2, g, target)
+            _run(launch, z.device)
+            Y, r = py.sum(0)[:B], pr.sum(0)[:B]
+            if mode == "diag":  # Y = [G P, -2 G P m]
+                gz = -0.5 * Y[:, d:2 * d] - ops.zc * Y[:, :d]
+            else:  # Y = -2 G p m
+                gz = -0.5 * Y[:, :d] - r[:, None] * ops.zc
+        if need_components:
+            launch, (px, pcs, pgd) = backward_m_launch(ops, lse2, g, target)
+            _run(launch, z.device)
+            X, cs, gd = px.sum(0)[:M], pcs.sum(0)[:M], pgd.sum(0)[:M]
+            mc, p = ops.mc, ops.p
+            gw = cs
+            if mode == "diag":  # X = [G^T z^2, G^T z]
+                T2, T = X[:, :d], X[:, d:2 * d]
+                gm = p * (T - cs[:, None] * mc)
+                glv = -0.5 * cs[:, None] + 0.5 * p * (T2 - 2.0 * mc * T + mc * mc * cs[:, None])
+            else:  # X = G^T z; gd = sum_b G |z_b - m|^2
+                gm = p[:, None] * (X[:, :d] - cs[:, None] * mc)
+                glv = -0.5 * d * cs + 0.5 * p * gd
+                if mode == "shared":
+                    glv = glv.sum()
+    # gradients not asked for: zeros (the autograd wrapper drops them)
+    gz = torch.zeros(B, d, device=z.device) if gz is None else gz
+    gm = torch.zeros(M, d, device=z.device) if gm is None else gm
+    gw = torch.zeros(M, device=z.device) if gw is None else gw
+    glv = torch.zeros(log_var.shape, device=z.device) if glv is None else glv
+    return (gz.to(z.dtype).contiguous(), gm.to(means.dtype).contiguous(),
+            gw.to(log_weights.dtype).contiguous(), glv.to(log_var.dtype).contiguous())
 
 
 # ========================================================================================
@@ -172,17 +332,21 @@ def _(z, means, log_weights, log_var, impl, chunk):
 
 @torch.library.custom_op("bype_kernels::mixture_logpdf_backward", mutates_args=())
 def _mixture_logpdf_backward_op(grad: Tensor, z: Tensor, means: Tensor, log_weights: Tensor,
-                                log_var: Tensor, out: Tensor, impl: str, chunk: int
+                                log_var: Tensor, out: Tensor, impl: str, chunk: int,
+                                need_z: bool, need_components: bool
                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Contiguous gradients of (z, means, log_weights, log_var); the Triton path skips the
+    kernel of a side (z / components) whose gradient is not needed and returns zeros there."""
     if impl == "triton":
-        return triton_backward(grad, z, means, log_weights, log_var, out)
-    return ref.chunked_backward(grad, z, means, log_weights, log_var, out, chunk)
+        return triton_backward(grad, z, means, log_weights, log_var, out, need_z, need_components)
+    return tuple(t.contiguous() for t in ref.chunked_backward(grad, z, means, log_weights, log_var, out, chunk))
 
 
 @_mixture_logpdf_backward_op.register_fake
-def _(grad, z, means, log_weights, log_var, out, impl, chunk):
-    return (torch.empty_like(z), torch.empty_like(means), torch.empty_like(log_weights),
-            torch.empty_like(log_var))
+def _(grad, z, means, log_weights, log_var, out, impl, chunk, need_z, need_components):
+    # new_empty: contiguous like the real op (empty_like would copy input strides)
+    return (z.new_empty(z.shape), means.new_empty(means.shape), log_weights.new_empty(log_weights.shape),
+            log_var.new_empty(log_var.shape))
 
 
 def _setup_context(ctx, inputs, output):
@@ -195,9 +359,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, _grad_lse):
     z, means, log_weights, log_var, out = ctx.saved_tensors
-    gz, gm, gw, glv = _mixture_logpdf_backward_op(grad, z, means, log_weights, log_var, out,
-                                                  ctx.impl, ctx.chunk)
     need = ctx.needs_input_grad
+    gz, gm, gw, glv = _mixture_logpdf_backward_op(grad, z, means, log_weights, log_var, out,
+                                                  ctx.impl, ctx.chunk, bool(need[0]), any(need[1:4]))
     return (gz if need[0] else None, gm if need[1] else None, gw if need[2] else None,
             glv if need[3] else None, None, None)
 
@@ -249,10 +413,21 @@ def mixture_logpdf(z: Tensor, means: Tensor, log_weights: Tensor, log_var: Union
     _check(z, means, log_weights, log_var)
     requested = impl
     impl = resolve_impl(z, impl)
-    if impl == "triton" and z.shape[1] > MAX_TRITON_D:
-        if requested == "auto":
-            impl = "torch"  # whole rows must fit one register tile; auto falls back quietly
-        else:
-            raise ValueError(f"mixture_logpdf: impl='triton' supports d <= {MAX_TRITON_D}, got z shape "
-                             f"{tuple(z.shape)}; use impl='torch'")
+    if impl == "triton":
+        why = _triton_unsupported(z, means, log_weights, log_var)
+        if why and requested == "auto":
+            impl = "torch"  # auto falls back quietly to the torch path, which handles both
+        elif why:
+            raise ValueError(f"mixture_logpdf: impl='triton' {why}; use impl='torch'")
     return _mixture_logpdf_op(z, means, log_weights, log_var, impl, int(chunk))[0]
+
+
+def _triton_unsupported(z: Tensor, means: Tensor, log_weights: Tensor, log_var: Tensor) -> str:
+    """Why the Triton path cannot compute this call as documented ('' if it can)."""
+    mode = ref.log_var_mode(log_var)
+    if _k_of(mode, z.shape[1]) > MAX_TRITON_K:
+        limit = MAX_TRITON_K // (2 if mode == "diag" else 1)
+        return f"supports d <= {limit} with {mode} log_var, got z shape {tuple(z.shape)}"
+    if ref.compute_dtype(z, means, log_weights, log_var) == torch.float64:
+        return "computes in float32, got float64 inputs (the torch path computes in float64)"
+    return ""

@@ -150,8 +150,9 @@ def chunked_backward(grad: Tensor, z: Tensor, means: Tensor, log_weights: Tensor
     ct = zc.dtype
     g = grad.detach().to(ct)
     lse = out.detach().to(ct)
-    # Rows whose density is exactly 0 (all weights -inf) get no gradient instead of NaN.
-    ok = torch.isfinite(lse)
+    # Rows whose density is exactly 0 (all weights -inf) get no gradient instead of NaN;
+    # NaN rows stay NaN so that bad inputs show.
+    ok = lse != -float("inf")
     g = torch.where(ok, g, torch.zeros_like(g))[:, None]
     lse = torch.where(ok, lse, torch.zeros_like(lse))[:, None]
     za = _augment(zc, mode)

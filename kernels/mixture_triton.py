@@ -4,165 +4,167 @@ Imported lazily by the launchers in :mod:`kernels.mixture`, so that ``import ker
 imports triton: Triton decides at its own import time whether ``@triton.jit`` compiles or
 interprets (``TRITON_INTERPRET=1``), and the torch path must not fix that choice early.
 
-Forward: one program per tile of rows, online log-sum-exp over tiles of components.
-Backward: responsibilities recomputed tile by tile (flash-attention style) in two kernels,
-one per tile of rows (grad z) and one per tile of components (grad means / log_weights /
-log_var): no atomics, deterministic, memory O((B + M) d).
+Every kernel sees the same host-built operands (kernels/mixture.py, ``_prepare``):
+
+    cross[b, m] = L[b] . R[m]          (K columns, zero padded; hi + lo tf32 parts of each)
+    d2[b, m]    = max(cross + zz[b] + q[m], 0)
+    s2[b, m]    = c2[m] - p2[m] * d2    (log2 units: log2(e) folded into c2 and p2 on the host)
+
+isotropic: L = z, R = -2 m, zz = |z|^2, q = |m|^2; diagonal: L = [z^2, z], R = [P, -2 P m],
+zz = 0, q = sum P m^2. Rows are padded to BLOCK_B (g = 0, lse = +inf) and components to
+BLOCK_M (c2 = -inf, p2 = 0): no masks anywhere. Each grid axis that would leave the device
+idle is split (flash-decoding): programs write partial results that the host combines in a
+fixed order (deterministic, no atomics).
+
+* ``_mixture_fwd_kernel``: (row tile, component split) -> partial max / sum of 2^s2.
+* ``_mixture_bwd_z_kernel``: (row tile, component split) -> partial sum_m G w_m R[m] and
+  sum_m G w_m, with G = g 2^(s2 - lse2), w = p (isotropic) or 1 (diagonal).
+* ``_mixture_bwd_m_kernel``: (component tile, row split) with transposed scores (as
+  flash-attention's dk/dv pass): partial sum_b G L[b], sum_b G, sum_b G d2.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _scores(zc, zz, m_ptr, m_offs, m_mask, d_offs, d_mask, D,
-            c_ptr, q_ptr, p_ptr, stride_m,
-            DIAG: tl.constexpr, PRECISION: tl.constexpr):
-    """Scores s[b, m] and (precision-weighted) squared distances for one tile.
+def _split_tf32(x):
+    """x = hi + lo with hi exactly representable in tf32 (round to nearest, 10-bit mantissa)."""
+    hi = ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return hi, x - hi
 
-    Isotropic: d2 = max(|z|^2 + |m|^2 - 2 z.m, 0), s = c_m - 0.5 p_m d2.
-    Diagonal : d2 = max(z^2 . P_m - 2 z . (P m)_m + q_m, 0), s = c_m - 0.5 d2, where the
-    host passes P = exp(-log_var) and Pm = P * m (both [M, d]) and q = sum(P m^2).
-    Returns (s, d2, p_m) with p_m = 1 for diag (unused there).
-    """
-    mk = m_mask[:, None] & d_mask[None, :]
-    m_tile = tl.load(m_ptr + m_offs[:, None] * stride_m + d_offs[None, :], mask=mk, other=0.0)
-    c = tl.load(c_ptr + m_offs, mask=m_mask, other=0.0)
-    q = tl.load(q_ptr + m_offs, mask=m_mask, other=0.0)
-    if DIAG:
-        # m_ptr holds P*m here; p_ptr holds P [M, d]
-        p_tile = tl.load(p_ptr + m_offs[:, None] * stride_m + d_offs[None, :], mask=mk, other=0.0)
-        d2 = tl.dot(zc * zc, tl.trans(p_tile), input_precision=PRECISION) \
-            - 2.0 * tl.dot(zc, tl.trans(m_tile), input_precision=PRECISION) + q[None, :]
-        d2 = tl.maximum(d2, 0.0)
-        s = c[None, :] - 0.5 * d2
-        p = q * 0.0 + 1.0
-    else:
-        p = tl.load(p_ptr + m_offs, mask=m_mask, other=0.0)
-        d2 = zz[:, None] + q[None, :] - 2.0 * tl.dot(zc, tl.trans(m_tile), input_precision=PRECISION)
-        d2 = tl.maximum(d2, 0.0)
-        s = c[None, :] - 0.5 * p[None, :] * d2
-    s = tl.where(m_mask[None, :], s, float("-inf"))
-    return s, d2, p
 
 @triton.jit
-def _mixture_fwd_kernel(z_ptr, m_ptr, c_ptr, q_ptr, p_ptr, out_ptr,
-                        B, M, D, stride_z, stride_m,
-                        DIAG: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    b_offs = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    d_offs = tl.arange(0, BLOCK_D)
-    b_mask = b_offs < B
-    d_mask = d_offs < D
-    zc = tl.load(z_ptr + b_offs[:, None] * stride_z + d_offs[None, :],
-                 mask=b_mask[:, None] & d_mask[None, :], other=0.0)
-    zz = tl.sum(zc * zc, axis=1)
+def _dot3(a_hi, a_lo, b_hi, b_lo, acc, PRECISION: tl.constexpr):
+    """acc + a @ b as three chained tf32 products (3xTF32), small terms first."""
+    acc = tl.dot(a_lo, b_hi, acc, input_precision=PRECISION)
+    acc = tl.dot(a_hi, b_lo, acc, input_precision=PRECISION)
+    return tl.dot(a_hi, b_hi, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_hilo(hi_ptr, lo_ptr, rows, k_offs, BLOCK_K: tl.constexpr):
+    """hi and lo parts of the [rows, K] tile of a host-padded operand (no masks)."""
+    offs = rows[:, None] * BLOCK_K + k_offs[None, :]
+    return tl.load(hi_ptr + offs), tl.load(lo_ptr + offs)
+
+
+@triton.jit
+def _split_bounds(pid_s, TILES_PER_SPLIT, BLOCK: tl.constexpr, total):
+    """[lo, hi) of the looped-over rows that split ``pid_s`` covers."""
+    lo = pid_s * TILES_PER_SPLIT * BLOCK
+    return lo, tl.minimum(lo + TILES_PER_SPLIT * BLOCK, total)
+
+
+@triton.jit
+def _log2_scores(cross, norms, c2, p2):
+    """(d2, s2) of a tile; ``norms``, ``c2``, ``p2`` broadcast to the tile's orientation. The clamp
+    propagates NaN (maximum would otherwise turn a NaN distance into 0)."""
+    d2 = tl.maximum(cross + norms, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return d2, c2 - p2 * d2
+
+
+@triton.jit
+def _row_program(lh_ptr, ll_ptr, zz_ptr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows of a program over z-row tiles: offsets, L hi / lo (kept for the whole loop), |z|^2."""
+    b_offs = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    k_offs = tl.arange(0, BLOCK_K)
+    l_hi, l_lo = _load_hilo(lh_ptr, ll_ptr, b_offs, k_offs, BLOCK_K)
+    return b_offs, k_offs, l_hi, l_lo, tl.load(zz_ptr + b_offs)
+
+
+@triton.jit
+def _row_tile_scores(l_hi, l_lo, zz, rh_ptr, rl_ptr, c2_ptr, p2_ptr, q_ptr, m_offs, k_offs,
+                     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """(R hi, R lo, d2, s2) of a [BLOCK_B rows, BLOCK_M components] tile."""
+    r_hi, r_lo = _load_hilo(rh_ptr, rl_ptr, m_offs, k_offs, BLOCK_K)
+    cross = _dot3(l_hi, l_lo, tl.trans(r_hi), tl.trans(r_lo), tl.zeros((BLOCK_B, BLOCK_M), tl.float32), PRECISION)
+    q = tl.load(q_ptr + m_offs)
+    d2, s2 = _log2_scores(cross, zz[:, None] + q[None, :], tl.load(c2_ptr + m_offs)[None, :],
+                          tl.load(p2_ptr + m_offs)[None, :])
+    return r_hi, r_lo, d2, s2
+
+
+@triton.jit
+def _mixture_fwd_kernel(lh_ptr, ll_ptr, rh_ptr, rl_ptr, zz_ptr, c2_ptr, p2_ptr, q_ptr,
+                        pmax_ptr, psum_ptr, B_pad, M_pad, TILES_PER_SPLIT,
+                        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    pid_s = tl.program_id(1)
+    b_offs, k_offs, l_hi, l_lo, zz = _row_program(lh_ptr, ll_ptr, zz_ptr, BLOCK_B, BLOCK_K)
     run_max = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_B,), tl.float32)
-    for start in range(0, M, BLOCK_M):
+    m_lo, m_hi = _split_bounds(pid_s, TILES_PER_SPLIT, BLOCK_M, M_pad)
+    for start in range(m_lo, m_hi, BLOCK_M):
         m_offs = start + tl.arange(0, BLOCK_M)
-        m_mask = m_offs < M
-        s, d2, p = _scores(zc, zz, m_ptr, m_offs, m_mask, d_offs, d_mask, D,
-                           c_ptr, q_ptr, p_ptr, stride_m, DIAG, PRECISION)
-        new_max = tl.maximum(run_max, tl.max(s, axis=1))
-        # all -inf so far (e.g. -inf weights): subtract 0 instead of -inf to avoid NaN
+        r_hi, r_lo, d2, s2 = _row_tile_scores(l_hi, l_lo, zz, rh_ptr, rl_ptr, c2_ptr, p2_ptr, q_ptr, m_offs,
+                                              k_offs, BLOCK_B, BLOCK_M, BLOCK_K, PRECISION)
+        new_max = tl.maximum(run_max, tl.max(s2, axis=1))
+        # every score -inf so far (-inf weights, padding): subtract 0 instead of -inf (no NaN)
         safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(s - safe[:, None]), axis=1)
+        run_sum = run_sum * tl.exp2(run_max - safe) + tl.sum(tl.exp2(s2 - safe[:, None]), axis=1)
         run_max = new_max
-    out = run_max + tl.log(run_sum)
-    tl.store(out_ptr + b_offs, out, mask=b_mask)
+    out_offs = pid_s * B_pad + b_offs
+    tl.store(pmax_ptr + out_offs, run_max)
+    tl.store(psum_ptr + out_offs, run_sum)
+
 
 @triton.jit
-def _mixture_bwd_z_kernel(z_ptr, m_ptr, mc_ptr, c_ptr, q_ptr, p_ptr, lse_ptr, g_ptr, gz_ptr,
-                          B, M, D, stride_z, stride_m,
-                          DIAG: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """grad z_b = sum_m G_bm p_m (m_m - z_b), G = g_b * responsibility (isotropic);
-    diag: sum_m G_bm (P m)_m - z_b * sum_m G_bm P_m."""
-    pid = tl.program_id(0)
-    b_offs = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    d_offs = tl.arange(0, BLOCK_D)
-    b_mask = b_offs < B
-    d_mask = d_offs < D
-    zmask = b_mask[:, None] & d_mask[None, :]
-    zc = tl.load(z_ptr + b_offs[:, None] * stride_z + d_offs[None, :], mask=zmask, other=0.0)
-    zz = tl.sum(zc * zc, axis=1)
-    lse = tl.load(lse_ptr + b_offs, mask=b_mask, other=0.0)
-    g = tl.load(g_ptr + b_offs, mask=b_mask, other=0.0)
-    acc_a = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)  # sum_m G p m   (diag: G @ (P m))
-    acc_b = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)  # diag: G @ P
-    acc_r = tl.zeros((BLOCK_B,), tl.float32)          # isotropic: sum_m G p
-    for start in range(0, M, BLOCK_M):
+def _mixture_bwd_z_kernel(lh_ptr, ll_ptr, rh_ptr, rl_ptr, zz_ptr, c2_ptr, p2_ptr, q_ptr, w_ptr,
+                          lse2_ptr, g_ptr, py_ptr, pr_ptr, B_pad, M_pad, TILES_PER_SPLIT,
+                          BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    pid_s = tl.program_id(1)
+    b_offs, k_offs, l_hi, l_lo, zz = _row_program(lh_ptr, ll_ptr, zz_ptr, BLOCK_B, BLOCK_K)
+    lse2 = tl.load(lse2_ptr + b_offs)
+    g = tl.load(g_ptr + b_offs)
+    acc_y = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
+    acc_r = tl.zeros((BLOCK_B,), tl.float32)
+    m_lo, m_hi = _split_bounds(pid_s, TILES_PER_SPLIT, BLOCK_M, M_pad)
+    for start in range(m_lo, m_hi, BLOCK_M):
         m_offs = start + tl.arange(0, BLOCK_M)
-        m_mask = m_offs < M
-        s, d2, p = _scores(zc, zz, m_ptr, m_offs, m_mask, d_offs, d_mask, D,
-                           c_ptr, q_ptr, p_ptr, stride_m, DIAG, PRECISION)
-        G = g[:, None] * tl.exp(s - lse[:, None])
-        mk = m_mask[:, None] & d_mask[None, :]
-        if DIAG:
-            pm_tile = tl.load(m_ptr + m_offs[:, None] * stride_m + d_offs[None, :], mask=mk, other=0.0)
-            p_tile = tl.load(p_ptr + m_offs[:, None] * stride_m + d_offs[None, :], mask=mk, other=0.0)
-            acc_a += tl.dot(G, pm_tile, input_precision=PRECISION)
-            acc_b += tl.dot(G, p_tile, input_precision=PRECISION)
-        else:
-            m_tile = tl.load(m_ptr + m_offs[:, None] * stride_m + d_offs[None, :], mask=mk, other=0.0)
-            Gp = G * p[None, :]
-            acc_a += tl.dot(Gp, m_tile, input_precision=PRECISION)
-            acc_r += tl.sum(Gp, axis=1)
-    if DIAG:
-        gz = acc_a - zc * acc_b
-    else:
-        gz = acc_a - acc_r[:, None] * zc
-    tl.store(gz_ptr + b_offs[:, None] * stride_z + d_offs[None, :], gz, mask=zmask)
+        r_hi, r_lo, d2, s2 = _row_tile_scores(l_hi, l_lo, zz, rh_ptr, rl_ptr, c2_ptr, p2_ptr, q_ptr, m_offs,
+                                              k_offs, BLOCK_B, BLOCK_M, BLOCK_K, PRECISION)
+        gw = (g[:, None] * tl.exp2(s2 - lse2[:, None])) * tl.load(w_ptr + m_offs)[None, :]
+        acc_r += tl.sum(gw, axis=1)
+        gw_hi, gw_lo = _split_tf32(gw)
+        acc_y = _dot3(gw_hi, gw_lo, r_hi, r_lo, acc_y, PRECISION)
+    out_offs = pid_s * B_pad + b_offs
+    tl.store(py_ptr + out_offs[:, None] * BLOCK_K + k_offs[None, :], acc_y)
+    tl.store(pr_ptr + out_offs, acc_r)
+
 
 @triton.jit
-def _mixture_bwd_m_kernel(z_ptr, m_ptr, mc_ptr, c_ptr, q_ptr, p_ptr, lse_ptr, g_ptr,
-                          gm_ptr, gw_ptr, glv_ptr,
-                          B, M, D, stride_z, stride_m,
-                          DIAG: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Per tile of components: cs_m = sum_b G_bm (= grad log_weights), T = G^T z,
-    grad m = p (T - cs m); grad log_var from sum_b G_bm d2_bm (iso) or G^T z^2 (diag)."""
-    pid = tl.program_id(0)
-    m_offs = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    d_offs = tl.arange(0, BLOCK_D)
-    m_mask = m_offs < M
-    d_mask = d_offs < D
-    mk = m_mask[:, None] & d_mask[None, :]
-    cs = tl.zeros((BLOCK_M,), tl.float32)
-    T = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    T2 = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)  # diag: G^T z^2
-    gd = tl.zeros((BLOCK_M,), tl.float32)          # iso: sum_b G p d2
-    for start in range(0, B, BLOCK_B):
+def _mixture_bwd_m_kernel(lh_ptr, ll_ptr, rh_ptr, rl_ptr, zz_ptr, c2_ptr, p2_ptr, q_ptr,
+                          lse2_ptr, g_ptr, px_ptr, pcs_ptr, pgd_ptr, B_pad, M_pad, TILES_PER_SPLIT,
+                          BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    m_offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_offs = tl.arange(0, BLOCK_K)
+    r_hi, r_lo = _load_hilo(rh_ptr, rl_ptr, m_offs, k_offs, BLOCK_K)
+    c2 = tl.load(c2_ptr + m_offs)[:, None]
+    p2 = tl.load(p2_ptr + m_offs)[:, None]
+    q = tl.load(q_ptr + m_offs)
+    acc_x = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+    acc_cs = tl.zeros((BLOCK_M,), tl.float32)
+    acc_gd = tl.zeros((BLOCK_M,), tl.float32)
+    b_lo, b_hi = _split_bounds(pid_s, TILES_PER_SPLIT, BLOCK_B, B_pad)
+    for start in range(b_lo, b_hi, BLOCK_B):
         b_offs = start + tl.arange(0, BLOCK_B)
-        b_mask = b_offs < B
-        zc = tl.load(z_ptr + b_offs[:, None] * stride_z + d_offs[None, :],
-                     mask=b_mask[:, None] & d_mask[None, :], other=0.0)
-        zz = tl.sum(zc * zc, axis=1)
-        lse = tl.load(lse_ptr + b_offs, mask=b_mask, other=0.0)
-        g = tl.load(g_ptr + b_offs, mask=b_mask, other=0.0)
-        s, d2, p = _scores(zc, zz, m_ptr, m_offs, m_mask, d_offs, d_mask, D,
-                           c_ptr, q_ptr, p_ptr, stride_m, DIAG, PRECISION)
-        G = g[:, None] * tl.exp(s - lse[:, None])
-        G = tl.where(b_mask[:, None], G, 0.0)
-        cs += tl.sum(G, axis=0)
-        Gt = tl.trans(G)
-        T += tl.dot(Gt, zc, input_precision=PRECISION)
-        if DIAG:
-            T2 += tl.dot(Gt, zc * zc, input_precision=PRECISION)
-        else:
-            gd += tl.sum(G * d2, axis=0) * p
-    mc = tl.load(mc_ptr + m_offs[:, None] * stride_m + d_offs[None, :], mask=mk, other=0.0)
-    tl.store(gw_ptr + m_offs, cs, mask=m_mask)
-    if DIAG:
-        p_tile = tl.load(p_ptr + m_offs[:, None] * stride_m + d_offs[None, :], mask=mk, other=0.0)
-        gm = p_tile * (T - cs[:, None] * mc)
-        sq = T2 - 2.0 * mc * T + mc * mc * cs[:, None]
-        glv = -0.5 * cs[:, None] + 0.5 * p_tile * sq
-        tl.store(glv_ptr + m_offs[:, None] * stride_m + d_offs[None, :], glv, mask=mk)
-    else:
-        p = tl.load(p_ptr + m_offs, mask=m_mask, other=0.0)
-        gm = p[:, None] * (T - cs[:, None] * mc)
-        glv = -0.5 * D * cs + 0.5 * gd
-        tl.store(glv_ptr + m_offs, glv, mask=m_mask)
-    tl.store(gm_ptr + m_offs[:, None] * stride_m + d_offs[None, :], gm, mask=mk)
+        lt_offs = b_offs[None, :] * BLOCK_K + k_offs[:, None]
+        lt_hi = tl.load(lh_ptr + lt_offs)  # L^T tile [K, BLOCK_B]
+        lt_lo = tl.load(ll_ptr + lt_offs)
+        # transposed scores [BLOCK_M, BLOCK_B]: G^T feeds the next dot without a transpose
+        cross = _dot3(r_hi, r_lo, lt_hi, lt_lo, tl.zeros((BLOCK_M, BLOCK_B), tl.float32), PRECISION)
+        d2, s2 = _log2_scores(cross, q[:, None] + tl.load(zz_ptr + b_offs)[None, :], c2, p2)
+        gt = tl.load(g_ptr + b_offs)[None, :] * tl.exp2(s2 - tl.load(lse2_ptr + b_offs)[None, :])
+        acc_cs += tl.sum(gt, axis=1)
+        acc_gd += tl.sum(gt * d2, axis=1)
+        gt_hi, gt_lo = _split_tf32(gt)
+        acc_x = _dot3(gt_hi, gt_lo, tl.trans(lt_hi), tl.trans(lt_lo), acc_x, PRECISION)
+    out_offs = pid_s * M_pad + m_offs
+    tl.store(px_ptr + out_offs[:, None] * BLOCK_K + k_offs[None, :], acc_x)
+    tl.store(pcs_ptr + out_offs, acc_cs)
+    tl.store(pgd_ptr + out_offs, acc_gd)

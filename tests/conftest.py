@@ -3,7 +3,10 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in the interpreter on CPU tensors
+# Triton fixes interpret-vs-compile when it is first imported. Without a CUDA device the Triton
+# kernels can only run interpreted on CPU tensors; with one, they must run compiled on CUDA.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

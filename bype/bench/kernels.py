@@ -3,6 +3,7 @@
   bype bench kernels [--quick] [--B 128,1024] [--M 500,5000] [--d 16,40] [--impls naive,chunked,...]
                      [--passes fwd,fwdbwd] [--log-var shared|component|diag] [--device auto|cpu|cuda]
                      [--repeats 7] [--mem-limit-gb X] [--max-seconds S] [--out DIR]
+  bype bench kernels --compile-report sm_90|sm_80 [--json FILE]
 
 Implementations (each only where available):
   naive     torch eager, full B x M matrix: cdist + logsumexp (isotropic), expanded matmul form (diag)
@@ -22,7 +23,14 @@ Measures, per (impl, pass, B, M, d):
   fraction  FLOP/s over the device's fp32 matmul rate measured once here (same nominal count).
 A config whose full-matrix footprint (naive, compiled) would exceed --mem-limit-gb is skipped with
 the reason, as is one whose previous, smaller config already took over --max-seconds per call.
-Writes DIR/kernels.json, DIR/kernels.md (the table) and DIR/kernels.png (time vs M).
+Writes DIR/kernels.json, DIR/kernels.md (the table) and DIR/kernels.png (time vs M); rows are
+printed once, as they are measured.
+
+--compile-report compiles every Triton kernel call (mixture forward and both backwards, coreset
+pairwise and gradient) exactly as the launchers would, for a list of (B, M) and d, with
+triton.compile for GPUTarget("cuda", arch, 32): no GPU needed. Registers and spill bytes (local +
+stack) come from the cubin (cuobjdump -res-usage, shipped in the triton wheel), shared memory
+from the compiled metadata, programs from the launch grid.
 """
 from __future__ import annotations
 
@@ -52,8 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d", type=_ints, default=None, help=f"comma-separated latent sizes (default {FULL['d']})")
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     p.add_argument("--passes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
-    p.add_argument("--log-var", choices=("shared", "component", "diag"), default="shared",
-                   help="log_var shape: 0-dim (ByPE/Exemplar), [M], or [M, d] (VampPrior)")
+    p.add_argument("--log-var", choices=("shared", "component", "diag"), default=None,
+                   help="log_var shape: 0-dim (ByPE/Exemplar, the default), [M], or [M, d] (VampPrior); "
+                        "--compile-report: shared and diag unless given")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--repeats", type=int, default=7, help="timed calls per config (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per config")
@@ -64,6 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--matmul-size", type=int, default=None, help="n of the n x n fp32 matmul (2048 CPU, 8192 GPU)")
     p.add_argument("--out", default="runs/bench/kernels", help="directory for kernels.json/.md/.png")
+    p.add_argument("--compile-report", metavar="ARCH", default=None,
+                   help="instead of timing: compile every Triton kernel for sm_80 or sm_90 as the launchers "
+                        "would (offline, no GPU) and print registers, spills, shared memory, programs")
+    p.add_argument("--json", metavar="FILE", default=None, help="with --compile-report: write the records here")
 
 
 def _ints(s: str) -> list[int]:
@@ -253,6 +266,7 @@ def _free_bytes(device) -> int:
 
 
 def run_sweep(args) -> tuple[list[dict], dict]:
+    args.log_var = args.log_var or "shared"
     device = torch.device("cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()))
                           else "cpu")
     if args.threads:
@@ -401,7 +415,127 @@ def _plot(rows, path: Path) -> bool:
     return True
 
 
+# --- static GPU report (offline compilation, no GPU) -------------------------------------------------
+REPORT_SHAPES = [(100, 500), (100, 25000), (1024, 50000), (50000, 500)]  # (B, M): training and large
+REPORT_D = [16, 40, 64]
+CORESET_D = 784  # Fashion-MNIST pixels: the coreset kernels' feature size
+
+
+def _cuobjdump() -> str:
+    import triton
+    exe = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not exe.exists():
+        raise SystemExit(f"bype bench kernels: {exe} missing (the triton wheel ships it); cannot read cubin resources")
+    return str(exe)
+
+
+def _resources(cubin: bytes) -> dict:
+    """Registers and spill bytes (local + stack) of the kernel in a cubin, via cuobjdump -res-usage."""
+    import subprocess
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    if not m:
+        raise RuntimeError(f"cuobjdump -res-usage: no resource line in {text!r}")
+    reg, stack, _static, local = (int(v) for v in m.groups())
+    return dict(regs=reg, spill_bytes=stack + local)
+
+
+class _Compiler:
+    """Compiles Launch records for one GPU target exactly as the JIT would (same binder, same
+    argument specialisation), caching identical specialisations."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        self.target = GPUTarget("cuda", arch, 32)
+        self.backend = make_backend(self.target)
+        self.cache = {}
+
+    def __call__(self, fn, launch) -> dict:
+        import triton
+        from triton.compiler import ASTSource
+        from triton.runtime.jit import create_function_from_signature
+        binder = create_function_from_signature(fn.signature, fn.params, self.backend)
+        bound, spec, opts = binder(*launch.args, **launch.meta)
+        options, signature, constexprs, attrs = fn._pack_args(self.backend, launch.meta, bound, spec, opts)
+        key = (launch.kernel, str(signature), str(constexprs), str(attrs), str(options))
+        if key not in self.cache:
+            ck = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=self.target,
+                                options=options.__dict__)
+            self.cache[key] = dict(_resources(ck.asm["cubin"]), shared_bytes=ck.metadata.shared)
+        return self.cache[key]
+
+
+def compile_report(arch: int, shapes=REPORT_SHAPES, ds=REPORT_D, modes=("shared", "diag")) -> list[dict]:
+    """One record per (kernel, shape, d, log_var) of the mixture kernels and per (kernel, shape)
+    of the coreset kernels: registers, spill bytes, shared memory, programs per launch."""
+    if kernels.interpreter_enabled():
+        raise SystemExit("bype bench kernels --compile-report: unset TRITON_INTERPRET (it needs compiled kernels)")
+    import importlib
+    cg = importlib.import_module("kernels.coreset_grads")  # the package attribute is the function
+    from kernels import coreset_triton, mixture_triton
+    from kernels import mixture as mix
+    from kernels import tiling
+    target = tiling.cuda_target(arch)
+    compiler = _Compiler(arch)
+    records = []
+    t0 = time.perf_counter()
+
+    def add(module, launch, B, M, d, log_var):
+        res = compiler(getattr(module, launch.kernel), launch)
+        rec = dict(kernel=launch.kernel.strip("_").removesuffix("_kernel"), arch=f"sm_{arch}", B=B, M=M, d=d,
+                   log_var=log_var, programs=launch.programs, **res)
+        records.append(rec)
+        print(_fmt_report(rec) + f"   ({len(records)} done, {time.perf_counter() - t0:.0f} s)", flush=True)
+
+    for mode in modes:
+        for d in ds:
+            for B, M in shapes:
+                for launch in mix.all_launches(B, M, d, mode, target):
+                    add(mixture_triton, launch, B, M, d, mode)
+    for N, S in shapes:  # coreset: N pseudo-points (or data rows) x S samples
+        for launch in cg.all_launches(N, S, CORESET_D, target):
+            add(coreset_triton, launch, N, S, CORESET_D, None)
+    return records
+
+
+REPORT_HEADER = "| kernel | arch | B | M | d | log_var | regs | spill B | shared B | programs |"
+
+
+def _fmt_report(r) -> str:
+    return (f"| {r['kernel']} | {r['arch']} | {r['B']} | {r['M']} | {r['d']} | {r['log_var'] or '-'} | {r['regs']} | "
+            f"{r['spill_bytes']} | {r['shared_bytes']} | {r['programs']} |")
+
+
+def run_compile_report(args) -> int:
+    arch = args.compile_report.lower().removeprefix("sm_")
+    if not arch.isdigit():
+        raise SystemExit(f"bype bench kernels: --compile-report takes sm_80 or sm_90, got {args.compile_report!r}")
+    shapes = [(B, M) for B in args.B for M in args.M] if (args.B and args.M) else REPORT_SHAPES
+    if bool(args.B) != bool(args.M):
+        raise SystemExit("bype bench kernels: --compile-report takes both --B and --M, or neither")
+    records = compile_report(int(arch), shapes, args.d or REPORT_D, (args.log_var,) if args.log_var else ("shared", "diag"))
+    table = "\n".join([REPORT_HEADER, "|" + "---|" * 10] + [_fmt_report(r) for r in records])
+    worst = max(r["spill_bytes"] for r in records)
+    few = min(r["programs"] for r in records)
+    print(f"{len(records)} kernel calls: max spill {worst} B, fewest programs per launch {few}")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(records, indent=1))
+        tmp.replace(path)
+        print(f"wrote {path}")
+    return 0
+
+
 def run(args) -> int:
+    if args.compile_report:
+        return run_compile_report(args)
     rows, meta = run_sweep(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -412,7 +546,6 @@ def run(args) -> int:
         f"fp32 matmul {meta['matmul_flops'] / 1e9:.1f} GFLOP/s, exp {meta['exp_per_s'] / 1e9:.2f} G/s, "
         f"memory: {meta['memory_method']}, load average {meta['load_avg_start']} -> {meta['load_avg_end']}"
         f"\n\n{table}\n")
-    print("\n" + table)
     plotted = _plot(rows, out / "kernels.png")
     print(f"wrote {out / 'kernels.json'}, {out / 'kernels.md'}" + (f", {out / 'kernels.png'}" if plotted else ""))
     return 0

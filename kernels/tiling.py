@@ -1,0 +1,97 @@
+"""Launch geometry shared by the Triton launchers: target GPUs, grid splitting, tf32 split.
+
+A launcher describes each kernel call as a :class:`Launch` (kernel name, grid, arguments,
+compile options) before running it, so that ``bype bench kernels --compile-report`` can compile
+exactly the same calls offline for another GPU (no device needed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# Streaming multiprocessors and the per-block shared-memory limit (opt-in) of the GPUs the
+# tile table is written for: A100 (sm_80) and H100 (sm_90).
+SMS = {80: 108, 90: 132}
+SHARED_LIMIT = {80: 166912, 90: 232448}
+MIN_PROGRAMS = 264  # two programs per SM of an H100: at least as many as any target has SMs x 2
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a launch runs: 'cuda' with a compute capability (80, 90, ...), or 'cpu' (interpreter)."""
+    kind: str
+    arch: int = 0
+    sms: int = 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.kind == "cuda"
+
+
+CPU = Target("cpu")
+
+
+def target_for(device: torch.device) -> Target:
+    if device.type != "cuda":
+        return CPU
+    major, minor = torch.cuda.get_device_capability(device)
+    return Target("cuda", 10 * major + minor, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def cuda_target(arch: int) -> Target:
+    """A GPU of compute capability ``arch`` (80 or 90), for offline compilation."""
+    if arch not in SMS:
+        raise ValueError(f"no tile table for sm_{arch}; known: {', '.join(f'sm_{a}' for a in SMS)}")
+    return Target("cuda", arch, SMS[arch])
+
+
+def table_arch(target: Target) -> int:
+    """The tabulated architecture a device uses: sm_90 tiles from 9.0 up, sm_80 tiles below."""
+    return 90 if target.arch >= 90 else 80
+
+
+def min_programs(target: Target) -> int:
+    # CPU (interpreter): a few programs per axis, so tests exercise the split combine
+    return max(MIN_PROGRAMS, 2 * target.sms) if target.cuda else 4
+
+
+@dataclass
+class Launch:
+    kernel: str                 # attribute of the kernel module
+    grid: tuple
+    args: tuple
+    meta: dict = field(default_factory=dict)  # constexprs + num_warps / num_stages
+
+    @property
+    def programs(self) -> int:
+        n = 1
+        for g in self.grid:
+            n *= g
+        return n
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def split(loop_tiles: int, other_programs: int, target: Target) -> tuple[int, int]:
+    """(splits, tiles per split) for a loop of ``loop_tiles`` tiles run by ``other_programs``
+    programs each: enough splits to reach :func:`min_programs`, every split non-empty."""
+    want = max(1, min(loop_tiles, cdiv(min_programs(target), max(other_programs, 1))))
+    per = max(1, loop_tiles // want)
+    return cdiv(loop_tiles, per), per
+
+
+def pow2_at_least(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << max(0, (n - 1).bit_length()))
+
+
+def tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 x = hi + lo, hi exactly representable in tf32 (10-bit mantissa, round to nearest).
+
+    3xTF32 then computes a.b as lo_a.hi_b + hi_a.lo_b + hi_a.hi_b: the dropped lo.lo term and
+    the tf32 rounding of lo are ~2^-22 |a||b| each (checked by emulation in the tests)."""
+    bits = x.contiguous().view(torch.int32)
+    hi = ((bits + 0x1000) & -0x2000).view(torch.float32)  # -0x2000 == 0xFFFFE000 as int32
+    return hi, x - hi
