@@ -16,7 +16,7 @@ import torch.distributed as dist
 from bype.config import load_config
 from bype.dist import finish
 from bype.models.noise import RowNoise
-from bype.parallel.flops import step_profile
+from bype.parallel.flops import _OpCounter, step_profile
 from bype.trainer import Trainer
 
 
@@ -29,13 +29,27 @@ def _best_of(fn, reps: int) -> float:
     return min(times)
 
 
+def _op_chain(length: int = 100) -> None:
+    """A forward and backward of `length` tiny operators: dispatch cost only."""
+    x = torch.ones(8, requires_grad=True)
+    y = x
+    for _ in range(length):
+        y = y * 1.0001
+    y.sum().backward()
+
+
+def _ops_of(fn) -> int:
+    with _OpCounter() as counter:
+        fn()
+    return counter.ops
+
+
 def machine_figures(allreduce_bytes: int, gather_bytes: int) -> dict:
     a, b = torch.randn(600, 784), torch.randn(784, 600)  # the gated encoder's first layer, prior + batch rows
     gemm = 2 * 600 * 784 * 600 / _best_of(lambda: torch.mm(a, b), 20)
-    small = torch.ones(8)
-    tau = _best_of(lambda: [small.add(small) for _ in range(200)], 5) / 200
-    big = torch.empty(16 * 2**20)
-    mem_bw = 2 * big.numel() * 4 / _best_of(lambda: big.clone(), 5)
+    tau = _best_of(_op_chain, 5) / _ops_of(_op_chain)  # seconds per dispatched operator, autograd included
+    src, dst = torch.ones(16 * 2**20), torch.zeros(16 * 2**20)
+    mem_bw = 2 * src.numel() * 4 / _best_of(lambda: dst.copy_(src), 5)  # read + write
     out = {"gemm_flops_per_s": gemm, "seconds_per_op": tau, "mem_bytes_per_s": mem_bw}
     if dist.is_initialized() and dist.get_world_size() > 1:
         for key, n in (("allreduce_seconds", allreduce_bytes), ("gather_allreduce_seconds", gather_bytes)):
