@@ -97,12 +97,13 @@ TINY = ["data.train_limit=240", "data.eval_limit=60", "model.hidden=32", "model.
         "prior.components=20", "prior.exemplar.subset=100", "coreset.every=1", "coreset.steps=2",
         "coreset.data_term=exact", "eval.at_end=false", "eval.n_samples_grid=4", "train.batch_size=60",
         "train.log_every=1000", "train.warmup_epochs=2", "train.epochs=2"]
-PRIORS = {"bype": "bype", "vamp": "vampprior", "ex": "exemplar"}
+PRIORS = {"bype": ["prior.kind=bype"], "vamp": ["prior.kind=vampprior"], "ex": ["prior.kind=exemplar"],
+          "exknn": ["prior.kind=exemplar", "prior.exemplar.knn=5"]}  # kNN: the bank's cache sharded too
 ENGINES = {"ddp": ["dist.engine=ddp"], "zero1": ["dist.engine=deepspeed", "dist.zero_stage=1"],
            "zero2": ["dist.engine=deepspeed", "dist.zero_stage=2"]}
 # Every prior with DDP and with DeepSpeed at each world size; every (prior, ZeRO stage) pair over the two.
 MATRIX = {2: ["bype-ddp", "bype-zero1", "bype-zero2", "vamp-ddp", "vamp-zero2", "ex-ddp", "ex-zero1"],
-          3: ["bype-ddp", "bype-zero2", "vamp-ddp", "vamp-zero1", "ex-ddp", "ex-zero2"]}
+          3: ["bype-ddp", "bype-zero2", "vamp-ddp", "vamp-zero1", "ex-ddp", "ex-zero2", "exknn-ddp"]}
 
 # One launch trains several cases in a row in the same process group (launches cost most of the time).
 MATRIX_DRIVER = """
@@ -126,8 +127,8 @@ def one_process_runs(tmp_path_factory, fmnist_root):
     """The single-process reference of each prior: final model state and metrics."""
     out = tmp_path_factory.mktemp("one")
     refs, fresh = {}, {}
-    for short, kind in PRIORS.items():
-        trainer = Trainer(load_config(None, [f"out_dir={out}", f"name={short}", f"prior.kind={kind}", *TINY]))
+    for short, prior in PRIORS.items():
+        trainer = Trainer(load_config(None, [f"out_dir={out}", f"name={short}", *prior, *TINY]))
         fresh[short] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
         trainer.fit()
         refs[short] = (trainer.model.state_dict(), metrics(out / short))
@@ -143,8 +144,7 @@ def test_ranks_reproduce_one_process_for_every_prior_and_engine(tmp_path, one_pr
     """W ranks, each encoding only its share of the mixture rows, train the one-process model: parameters,
     U, w and the logged losses within 1e-4, the replicas bitwise identical, the coreset hash check (after
     every update, inside the trainer) passing."""
-    cases = [[name, [f"prior.kind={PRIORS[name.split('-')[0]]}", *ENGINES[name.split('-')[1]]]]
-             for name in MATRIX[world]]
+    cases = [[name, [*PRIORS[name.split("-")[0]], *ENGINES[name.split("-")[1]]]] for name in MATRIX[world]]
     (tmp_path / "driver.py").write_text(MATRIX_DRIVER)
     run([*TORCHRUN, "--standalone", "--nproc-per-node", str(world), tmp_path / "driver.py", tmp_path,
          json.dumps(cases), f"out_dir={tmp_path}", *TINY], timeout=600)
