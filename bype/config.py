@@ -106,6 +106,7 @@ class DistConfig:
     zero_stage: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (deepspeed on GPU)
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON/YAML file merged over the generated one
+    shard_prior: bool = True  # several ranks: each encodes its share of the prior's mixture rows (docs/DISTRIBUTED.md)
 
 
 @dataclass

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from bype.checkpoint import CheckpointError
 from bype.config import ConfigError, deep_update, read_yaml_mapping
 from bype.optim import build_optimizer
+from bype.parallel import attach_row_shard
 
 log = logging.getLogger("bype")
 
@@ -164,6 +165,7 @@ class DeepSpeedEngine:
             self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                      config=self.config)
         self.module = model
+        attach_row_shard(model, ctx, cfg.dist.shard_prior)
         self.tag = None  # the DeepSpeed checkpoint tag last written or loaded
         log.info("deepspeed: ZeRO stage %d, %s, %d rank(s), micro batch %d", self.stage,
                  "autocast " + self.config["torch_autocast"]["dtype"] if "torch_autocast" in self.config else "fp32",

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from bype.optim import build_optimizer
+from bype.parallel import attach_row_shard
 
 
 class LocalEngine:
@@ -30,6 +31,7 @@ class LocalEngine:
             no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
                 inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False}
             self.wrapped = DistributedDataParallel(model, device_ids=dev, **no_sync)
+            attach_row_shard(model, ctx, cfg.dist.shard_prior)
         self.optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
         self.grad_clip = cfg.train.grad_clip
 

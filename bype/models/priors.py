@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import kernels
+from bype.parallel import RowShard, all_gather_rows, gather_rows
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -23,7 +24,27 @@ def normal_logpdf(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> to
 
 
 class Prior(nn.Module):
+    """`row_shard` (set by the DDP / DeepSpeed engines, None in one process): in the training forward each
+    rank encodes only its share of the mixture's rows and all-gathers the encodings with their gradients."""
+
     kind = "base"
+    row_shard: Optional[RowShard] = None
+
+    def _shard(self) -> Optional[RowShard]:
+        """The row shard where it applies: the training forward (every rank runs it in lockstep)."""
+        return self.row_shard if self.training and torch.is_grad_enabled() else None
+
+    def encode_rows(self, model: nn.Module, rows, n: int, diag: bool = False) -> torch.Tensor:
+        """Encoder means of the n mixture rows (with log-variances concatenated on the last dim when `diag`).
+
+        `rows(lo, hi)` returns rows lo..hi-1 as model inputs. Sharded: this rank encodes its block, the
+        blocks are all-gathered with autograd (bype.parallel.gather explains why the gradients stay exact).
+        """
+        shard = self._shard()
+        lo, hi = shard.range(n) if shard is not None else (0, n)
+        mu, logvar = model.encode_flat(rows(lo, hi))
+        out = torch.cat([mu, logvar], -1) if diag else mu
+        return all_gather_rows(out, shard.sizes(n), shard.group) if shard is not None else out
 
     def log_prob(self, z: torch.Tensor, model: nn.Module, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
@@ -90,8 +111,9 @@ class VampPrior(Prior):
             self.pseudo_raw.copy_(_logit(rows.to(self.pseudo_raw)))
 
     def log_prob(self, z, model, idx=None):
-        mu, logvar = model.encode_flat(self.pseudo_inputs)
-        k = mu.shape[0]
+        k = self.n_components
+        enc = self.encode_rows(model, lambda lo, hi: torch.sigmoid(self.pseudo_raw[lo:hi]), k, diag=True)
+        mu, logvar = enc.split(enc.shape[-1] // 2, -1)
         log_w = torch.full((k,), -math.log(k), device=z.device, dtype=z.dtype)
         return kernels.mixture_logpdf(z, mu, log_w, logvar)
 
@@ -133,11 +155,21 @@ class ExemplarPrior(Prior):
         return self.bank[pick].float() / 255.0
 
     @torch.no_grad()
-    def _all_means(self, model, chunk: int = 4096) -> torch.Tensor:
-        return torch.cat([model.encode_flat(b.float() / 255.0)[0] for b in self.bank.split(chunk)])
+    def _all_means(self, model, chunk: int = 4096, bank: Optional[torch.Tensor] = None) -> torch.Tensor:
+        bank = self.bank if bank is None else bank
+        return torch.cat([model.encode_flat(b.float() / 255.0)[0] for b in bank.split(chunk)])
 
     def on_epoch_start(self, model):
-        self._knn_cache = self._all_means(model) if self.knn > 0 else None
+        """The kNN cache: each rank encodes its block of the bank and the blocks are all-gathered."""
+        if self.knn <= 0:
+            self._knn_cache = None
+        elif self.row_shard is None:
+            self._knn_cache = self._all_means(model)
+        else:
+            n = self.bank.shape[0]
+            lo, hi = self.row_shard.range(n)
+            self._knn_cache = gather_rows(self._all_means(model, bank=self.bank[lo:hi]),
+                                          self.row_shard.sizes(n), self.row_shard.group)
 
     def log_prob(self, z, model, idx=None):
         n = self.bank.shape[0]
@@ -151,8 +183,10 @@ class ExemplarPrior(Prior):
         pick = torch.randperm(n, device=self.bank.device)[: self.subset] if 0 < self.subset < n \
             else torch.arange(n, device=self.bank.device)
         if idx is not None:
+            if self._shard() is not None:  # leave out the whole global batch, as one process does
+                idx = gather_rows(idx, group=self.row_shard.group)
             pick = pick[~torch.isin(pick, idx.to(pick.device))]
-        mu = model.encode_flat(self._rows(pick))[0]
+        mu = self.encode_rows(model, lambda lo, hi: self._rows(pick[lo:hi]), pick.shape[0])
         log_w = torch.full((mu.shape[0],), -math.log(mu.shape[0]), device=z.device, dtype=z.dtype)
         return kernels.mixture_logpdf(z, mu, log_w, self.log_var)
 
@@ -201,7 +235,7 @@ class ByPEPrior(Prior):
         self.w.fill_(n_data / self.U.shape[0])  # w starts at N/M
 
     def log_prob(self, z, model, idx=None):
-        mu = model.encode_flat(self.U)[0]
+        mu = self.encode_rows(model, lambda lo, hi: self.U[lo:hi], self.n_components)
         log_w = torch.log(self.w.clamp_min(1e-30)).to(z.dtype) - torch.log(self.n_data).to(z.dtype)
         return kernels.mixture_logpdf(z, mu, log_w, self.log_var)
 
