@@ -58,6 +58,17 @@ def load(path: str, map_location: Any = "cpu") -> dict:
     return state
 
 
+def load_module_state(module: torch.nn.Module, state_dict: dict, path: str) -> None:
+    """`module.load_state_dict`, with a mismatch (an override that changed the model) as one line."""
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
+        raise CheckpointError(f"{path}: does not fit the configured model ({detail.rstrip('.')}); "
+                              "keep the model settings the run was trained with") from None
+
+
 def _readable(path: str) -> bool:
     try:
         torch.load(path, map_location="cpu", weights_only=False)

@@ -2,6 +2,8 @@
 
   bype train [--config FILE] [key.sub=value ...]     train (no arguments: the embedded default job)
   bype train --resume RUN_DIR [key.sub=value ...]     continue a run exactly where it stopped
+  bype train --check [--config FILE | --resume RUN_DIR] [key.sub=value ...]
+                                                      validate config, data sizes and run directory; no training
   bype eval RUN_DIR [--samples S]                     importance-sampled test NLL, ELBO, kNN
   bype sample RUN_DIR [--n N]                         Algorithm 1 samples as an image grid
   bype data prepare DATASET --src PATH --out DIR      write webdataset shards
@@ -34,6 +36,8 @@ def _cmd_train(args) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
     resume = bool(args.resume)
+    if args.check:
+        return _check_train(cfg, resume)
     if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 \
             and os.path.exists(os.path.join(cfg.run_dir, "last.pt")):
         resume = True  # an elastic restart picks up the latest checkpoint by itself
@@ -41,6 +45,27 @@ def _cmd_train(args) -> int:
     if report is not None:
         _print_report(report, cfg.run_dir)
     return 0
+
+
+def _check_train(cfg, resume: bool) -> int:
+    """What a start checks before any worker starts (launch/*.sh call this once), reported in one line."""
+    from bype import checkpoint
+    from bype.preflight import check_start
+
+    counts = check_start(cfg, resume)
+    if resume:
+        checkpoint.load(os.path.join(cfg.run_dir, "last.pt"))  # truncated or foreign checkpoints stop here
+    sizes = ", ".join(f"{k} {v}" for k, v in counts.items())
+    print(f"bype: check passed: {'resume' if resume else 'start'} {cfg.run_dir} ({cfg.prior.kind} prior, "
+          f"{cfg.model.arch}, {cfg.data.dataset}: {sizes})")
+    return 0
+
+
+def _positive_options(args, names: tuple) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name}: must be a positive number, got {value}")
 
 
 def _print_report(report: dict, run_dir: str) -> None:
@@ -58,6 +83,7 @@ def _cmd_eval(args) -> int:
     from bype.metrics import setup_logging
     from bype.trainer import load_trained
 
+    _positive_options(args, ("samples", "batch", "limit"))  # --limit 0 would evaluate nothing
     setup_logging()
     cfg, data, model = load_trained(args.run_dir, args.checkpoint)
     report = evaluate(model, data.test, data.train_split(), args.samples, args.batch,
@@ -74,6 +100,7 @@ def _cmd_sample(args) -> int:
     from bype.sampling import save_samples
     from bype.trainer import load_trained
 
+    _positive_options(args, ("n",))
     _, _, model = load_trained(args.run_dir, args.checkpoint)
     out = args.out or os.path.join(args.run_dir, "samples.png")
     print(f"samples: {save_samples(model, out, args.n, args.seed)}")
@@ -87,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (no arguments: ByPE-VAE on Fashion-MNIST)")
     p.add_argument("--config", help="YAML config file (configs/...)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--check", action="store_true",
+                   help="only validate the config, the data sizes and the run directory (one line; exit 2 if bad)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.set_defaults(func=_cmd_train)
 
@@ -139,7 +168,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError, ReplicaMismatchError) as e:
+    except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError, ReplicaMismatchError,
+            FloatingPointError) as e:
         if os.environ.get("BYPE_DEBUG"):
             raise
         print(f"bype: error: {e}", file=sys.stderr)

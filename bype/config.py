@@ -3,7 +3,8 @@
 Every field has a default, so `bype train` with no config runs the embedded default job: ByPE-VAE on
 Fashion-MNIST sized for 10 minutes on 2 CPU cores (a 5.5-minute training budget, short warm-up, S = 500
 for the test NLL). `configs/base.yaml` restores the paper's full-length settings. Unknown keys,
-wrong types and impossible values raise `ConfigError` with one line naming the key, before any work.
+wrong types and impossible values raise `ConfigError` with one line naming the key, before any work
+(sizes against the data the run reads: bype.preflight).
 """
 from __future__ import annotations
 
@@ -143,10 +144,6 @@ CHOICES = {
     "dist.precision": ("fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
 }
-
-# Training-set sizes after the validation split (DESIGN section 3); used to check M <= N early.
-TRAIN_SIZES = {"fashion-mnist": 50000, "mnist": 50000, "cifar10": 40000, "celeba": 162770}
-
 
 def _field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -317,20 +314,16 @@ def validate(cfg: Config) -> None:
     if any((not isinstance(k, int)) or k <= 0 for k in cfg.eval.knn_k):
         raise ConfigError(f"eval.knn_k: must be a list of positive integers, got {cfg.eval.knn_k!r}")
 
-    n_train = TRAIN_SIZES[cfg.data.dataset]
-    if cfg.data.train_limit is not None:
-        n_train = min(n_train, cfg.data.train_limit)
-    if cfg.prior.kind in ("bype", "vampprior") and cfg.prior.components > n_train:
-        raise ConfigError(f"prior.components: M={cfg.prior.components} exceeds the training-set size N={n_train}")
-    if cfg.train.batch_size > n_train:
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} exceeds the training-set size N={n_train}")
-
+    # Sizes against the data (M <= N, ...) are checked by bype.preflight, which reads the actual counts.
     binary = cfg.data.dataset in ("mnist", "fashion-mnist")
     if cfg.model.likelihood == "bernoulli" and not binary:
         raise ConfigError(f"model.likelihood: bernoulli needs binary data; {cfg.data.dataset} is 8-bit colour "
                           "(use logistic)")
     if cfg.data.source == "shards" and not cfg.data.shards:
         raise ConfigError("data.shards: required when data.source is shards (a prepared shard directory)")
+    if cfg.data.source == "shards" and cfg.data.train_limit is not None:
+        raise ConfigError("data.train_limit: applies to data.source=memory; for shards prepare a subset "
+                          "(`bype data prepare ... --limit N`)")
     if cfg.data.source == "memory" and cfg.data.dataset in ("cifar10", "celeba"):
         raise ConfigError(f"data.source: {cfg.data.dataset} streams from shards; set data.source=shards and "
                           "data.shards=DIR (see `bype data prepare`)")

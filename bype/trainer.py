@@ -24,9 +24,11 @@ from bype.data import DataBundle, load_data
 from bype.dist import DistContext, all_reduce_sum, barrier, broadcast, check_replicated, init_distributed
 from bype.engines import build_engine
 from bype.evaluate import evaluate, model_inputs, validation_loss
-from bype.metrics import MetricsWriter, Progress, read_metrics, setup_logging, truncate_metrics
+from bype.metrics import MetricsWriter, Progress, read_metrics, setup_logging
 from bype.models import build_model
 from bype.models.noise import RowNoise
+from bype.preflight import check_start
+from bype.rundir import RunDirectory, write_text_atomic
 from bype.sampling import save_coreset, save_curves, save_samples
 
 log = logging.getLogger("bype")
@@ -55,8 +57,8 @@ def load_trained(run_dir: str, which: str = "best"):
     data = load_data(cfg)
     bank = data.train_split().x.flatten(1) if cfg.prior.kind == "exemplar" else None
     model = build_model(cfg, data.input_shape, bank)
-    state = checkpoint.load(os.path.join(run_dir, f"{which}.pt"))
-    model.load_state_dict(state["model"])
+    path = os.path.join(run_dir, f"{which}.pt")
+    checkpoint.load_module_state(model, checkpoint.load(path)["model"], path)
     model.eval()
     torch.manual_seed(cfg.seed)
     return cfg, data, model
@@ -68,7 +70,8 @@ class Trainer:
         self.ctx = ctx or init_distributed(cfg)
         setup_logging(self.ctx.rank)
         self.run_dir = cfg.run_dir
-        self._prepare_run_dir(resume)
+        check_start(cfg, resume)  # run directory and data sizes, one line each; nothing is written before begin()
+        self.rundir = RunDirectory(self.run_dir, self.ctx.is_main)
         seed_everything(cfg.seed)  # the same seed on every rank: identical initialisation everywhere
 
         self.data: DataBundle = load_data(cfg, self.ctx.rank, self.ctx.world_size)
@@ -79,7 +82,6 @@ class Trainer:
             self.model.prior.init_from_data(rows.to(self.ctx.device), self.data.n_train)
         self.engine = build_engine(cfg, self.model, self.ctx)
         self.coreset = self._build_coreset()
-        self.metrics = MetricsWriter(self.run_dir, enabled=self.ctx.is_main)
 
         self.epoch = 0  # epochs completed
         self.step = 0
@@ -91,26 +93,13 @@ class Trainer:
         if resume:
             self._restore(os.path.join(self.run_dir, "last.pt"))
         check_replicated(self._replicated(start=True), "model and RNG after " + ("resume" if resume else "start-up"))
+        self.rundir.begin(to_dict(cfg), self.epoch)
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.ctx.is_main)
         log.info("run %s: %s prior, %s arch, N=%d, %d steps/epoch, %d rank(s) on %s, kernels impl=%s",
                  self.run_dir, cfg.prior.kind, cfg.model.arch, self.data.n_train, len(self.data.train_loader),
                  self.ctx.world_size, self.ctx.device, self._kernel_impl())
 
     # --- set-up -------------------------------------------------------------------------------
-    def _prepare_run_dir(self, resume: bool) -> None:
-        has_run = os.path.exists(os.path.join(self.run_dir, "last.pt"))
-        if has_run and not resume:
-            raise FileExistsError(f"{self.run_dir}: already holds a run; continue it with "
-                                  f"`bype train --resume {self.run_dir}` or start another with name=NEW")
-        if resume and not has_run:
-            raise FileNotFoundError(f"{self.run_dir}: nothing to resume (no last.pt)")
-        if self.ctx.is_main:
-            os.makedirs(self.run_dir, exist_ok=True)
-            if not resume:
-                truncate_metrics(self.run_dir, 0)  # records of a run that died before its first checkpoint
-            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-                yaml.safe_dump(to_dict(self.cfg), f, sort_keys=False)
-        barrier()
-
     def _build_coreset(self):
         if self.cfg.prior.kind != "bype":
             return None
@@ -161,15 +150,13 @@ class Trainer:
 
     def _restore(self, path: str) -> None:
         state = checkpoint.load(path, map_location=self.ctx.device)
-        self.model.load_state_dict(state["model"])
+        checkpoint.load_module_state(self.model, state["model"], path)
         self.engine.load_state_dict(state["engine"])
         if self.coreset is not None and state.get("coreset") is not None:
             self.coreset.load_state_dict(state["coreset"])
         checkpoint.set_rng_state(state["rng"])
         for key in ("epoch", "step", "best_val", "best_epoch", "bad_epochs", "train_seconds", "stopped_early"):
             setattr(self, key, state[key])
-        if self.ctx.is_main:
-            truncate_metrics(self.run_dir, self.epoch)
         log.info("resumed %s at epoch %d (step %d)", path, self.epoch, self.step)
 
     # --- training -----------------------------------------------------------------------------
@@ -296,8 +283,7 @@ class Trainer:
             report.update(evaluate(self.model, self.data.test, self.data.train_split(), cfg.eval.is_samples,
                                    cfg.eval.is_batch, cfg.eval.knn_k, log=log.info))
         report.update(write_pictures(self.model, self.run_dir, cfg.eval.n_samples_grid, cfg.seed))
-        with open(os.path.join(self.run_dir, "report.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        write_text_atomic(os.path.join(self.run_dir, "report.json"), json.dumps(report, indent=2))
         self.metrics.close()
         barrier()
         return report
@@ -317,5 +303,5 @@ def write_pictures(model, run_dir: str, n_samples: int, seed: int) -> dict:
 
 def train(cfg: Config, resume: bool = False) -> Optional[dict]:
     trainer = Trainer(cfg, resume=resume)
-    summary = trainer.fit()
-    return trainer.finalize(summary)
+    with trainer.rundir.guard():  # a failure before the first checkpoint leaves the directory as it was
+        return trainer.finalize(trainer.fit())

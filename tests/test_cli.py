@@ -1,11 +1,16 @@
 """The `bype` command line, run in-process on real Fashion-MNIST with tiny settings."""
 import json
 import os
+import subprocess
+import sys
 
+import pytest
 from PIL import Image
 
 from bype.cli import main
 from tests.helpers import TINY
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_train_eval_sample_resume(tmp_path, fmnist_root, capsys):
@@ -34,3 +39,40 @@ def test_bad_run_dir_is_one_line(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("bype: error:") and "config.yaml" in err and "\n" not in err
+
+
+def test_eval_limit_zero_is_one_line(tmp_path, capsys):
+    # Refused before the run is loaded: zero examples cannot give an NLL.
+    assert main(["eval", str(tmp_path / "any"), "--limit", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "bype: error: --limit: must be a positive number, got 0"
+
+
+def test_check_of_a_resume_reads_the_checkpoint(tmp_path, fmnist_root, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"out_dir: {tmp_path}\nname: r\n")
+    (run / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    assert main(["train", "--check", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"bype: error: {run / 'last.pt'}: corrupt or truncated checkpoint") and "\n" not in err
+    assert main(["train", "--check", f"out_dir={tmp_path}", "name=r"]) == 2  # a fresh start would overwrite it
+    assert "already holds a run" in capsys.readouterr().err
+
+
+LAUNCHERS = [["launch/torchrun.sh", "2"], ["launch/deepspeed.sh", "2"],
+             ["launch/multinode.sh", "--master-addr", "127.0.0.1", "--nnodes", "2", "--node-rank", "1"],
+             ["launch/slurm.sbatch"]]
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS, ids=lambda a: a[0].split("/")[1])
+def test_launchers_report_a_bad_key_once_before_any_worker(launcher, tmp_path):
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict(os.environ, TORCHRUN=os.path.join(bin_dir, "torchrun"), DEEPSPEED=os.path.join(bin_dir, "deepspeed"),
+               PYTHONPATH=ROOT)
+    r = subprocess.run(["bash", *launcher, f"out_dir={tmp_path}", "train.epoch=3"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stdout == "" and r.stderr.strip().splitlines() == [
+        "bype: error: train.epoch: unknown key (known here: batch_size, epochs, grad_clip, log_every, lr, "
+        "max_minutes, optimizer, patience, profile, warmup_epochs)"]
+    assert os.listdir(tmp_path) == []

@@ -33,7 +33,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 SMALL = ["data.train_limit=400", "data.eval_limit=100", "model.hidden=64", "prior.components=20",
          "coreset.every=1", "coreset.steps=3", "coreset.data_term=exact", "eval.at_end=false",
          "eval.knn_k=[3]", "train.batch_size=50", "train.log_every=1000", "train.warmup_epochs=2"]
-ATOL = 1e-4  # float summation order differs between 1 and 2 ranks; measured drift ~1e-5 after 3 epochs
+# float32 summation order differs between 1 and 2 ranks (and with the thread count); measured drift ~1e-5
+# after 3 epochs, relative to each tensor's scale (the weights w are N/M = 20, the network's about 1).
+RTOL = 1e-4
 
 def dist_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
@@ -77,7 +79,8 @@ def assert_close(got: dict, want: dict, what: str) -> None:
     assert got.keys() == want.keys()
     for k in want:
         diff = (got[k].double() - want[k].double()).abs().max().item()
-        assert diff <= ATOL, f"{what}: {k} differs by {diff:.3g}"
+        tol = RTOL * max(1.0, want[k].double().abs().max().item())
+        assert diff <= tol, f"{what}: {k} differs by {diff:.3g} (allowed {tol:.3g})"
 
 
 def one_process(tmp_path, name: str, epochs: list[int], *overrides) -> tuple[list[dict], list[dict]]:

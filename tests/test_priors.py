@@ -65,6 +65,7 @@ def test_prior_samples_follow_the_weights(tmp_path):
 
 def test_vampprior_and_gaussian_normalise(tmp_path):
     """Each prior is a density: a Monte Carlo estimate of its integral over a box is close to 1 (d=2)."""
+    torch.manual_seed(0)  # the network and pseudo-inputs, whatever ran before in this process
     for kind in ("gaussian", "vampprior"):
         cfg = load_config(None, [f"out_dir={tmp_path}", f"prior.kind={kind}", "prior.components=7",
                                  "model.latent_dim=2", "model.hidden=16"])

@@ -1,0 +1,114 @@
+"""The run directory, never left changed by a start that fails.
+
+A start (fresh or resumed) writes nothing until every check has passed (configuration, data sizes,
+checkpoint, model): then `begin` writes config.yaml and trims metrics.jsonl to the checkpoint. From
+there until the run's first checkpoint, a failure (error, Ctrl-C) puts the directory back byte for
+byte: what the start created is removed (the directory itself if it created it), config.yaml and
+metrics.jsonl get their old bytes back. After a checkpoint the run has made progress and keeps it.
+report.json is written only by a run that finished, atomically, so a failing run never replaces it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import yaml
+
+from bype.dist import barrier
+from bype.metrics import truncate_metrics
+
+REWRITTEN = ("config.yaml", "metrics.jsonl")  # existing files a start rewrites before its first checkpoint
+CHECKPOINT = "last.pt"  # a new one means the run made progress
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write to a temporary file beside `path`, fsync, rename: readers see the old or the new file whole."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _stat_id(path: str) -> Optional[tuple]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class _Snapshot:
+    """What a directory held: its paths, the bytes of the files a start rewrites, its checkpoint's identity."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.existed = os.path.isdir(path)
+        self.paths = self._walk() if self.existed else set()
+        self.saved = {}
+        for name in REWRITTEN:
+            file = os.path.join(path, name)
+            if os.path.isfile(file):
+                with open(file, "rb") as f:
+                    self.saved[name] = f.read()
+        self.checkpoint = _stat_id(os.path.join(path, CHECKPOINT))
+
+    def _walk(self) -> set[str]:
+        out = set()
+        for root, dirs, files in os.walk(self.path):
+            out.update(os.path.relpath(os.path.join(root, n), self.path) for n in dirs + files)
+        return out
+
+    def progressed(self) -> bool:
+        return _stat_id(os.path.join(self.path, CHECKPOINT)) != self.checkpoint
+
+    def restore(self) -> None:
+        if not self.existed:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for rel in sorted(self._walk() - self.paths, reverse=True):  # children before their new parents
+            target = os.path.join(self.path, rel)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target, ignore_errors=True)
+            elif os.path.lexists(target):
+                os.unlink(target)
+        for name, data in self.saved.items():
+            with open(os.path.join(self.path, name), "wb") as f:
+                f.write(data)
+
+
+class RunDirectory:
+    """Writes of a start to `path` (rank 0 only) and their undoing when the start fails (see `guard`)."""
+
+    def __init__(self, path: str, is_main: bool = True):
+        self.path, self.is_main = path, is_main
+        self._before: Optional[_Snapshot] = None
+
+    def begin(self, config: dict, epoch: int) -> None:
+        """Every check has passed: remember the directory, then write config.yaml and drop the metrics
+        records after `epoch` (those of a run that died before its next checkpoint)."""
+        if self.is_main:
+            self._before = _Snapshot(self.path)
+            os.makedirs(self.path, exist_ok=True)
+            truncate_metrics(self.path, epoch)
+            write_text_atomic(os.path.join(self.path, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
+        barrier()
+
+    @contextlib.contextmanager
+    def guard(self):
+        """Around training: a failure before the run's first checkpoint restores the directory."""
+        try:
+            yield
+        except BaseException:
+            if self._before is not None and not self._before.progressed():
+                self._before.restore()
+            raise
