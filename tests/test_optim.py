@@ -10,6 +10,7 @@ from bype.optim import Adam, NormalizedAdam, adam_implementation
 
 LR = 5e-4
 STEPS = 200
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
 class ReferenceNormalizedAdam(torch.optim.Adam):
@@ -39,17 +40,18 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _model(seed=0):
+def _model(seed=0, device="cpu"):
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3))
     net.frozen = nn.Parameter(torch.randn(5))  # in the graph with a zero gradient: the `norm > 0` case
-    return net
+    return net.to(device)
 
 
 def _loss(net, step):
     g = torch.Generator().manual_seed(1000 + step)
     x, y = torch.randn(32, 12, generator=g), torch.randn(32, 3, generator=g)
-    return ((net(x) - y) ** 2).mean() + 0.0 * net.frozen.sum()
+    dev = net.frozen.device
+    return ((net(x.to(dev)) - y.to(dev)) ** 2).mean() + 0.0 * net.frozen.sum()
 
 
 def _train(net, opt, steps, start=0):
@@ -59,22 +61,24 @@ def _train(net, opt, steps, start=0):
         opt.step()
 
 
-def test_fused_implementation_chosen_on_cpu():
-    assert adam_implementation(list(_model().parameters())) == {"fused": True}
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_implementation_chosen_on_cpu_and_cuda(device):
+    assert adam_implementation(list(_model(device=device).parameters())) == {"fused": True}
 
 
-def test_matches_the_per_tensor_loop_over_many_steps():
-    ref, new = _model(), _model()
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_the_per_tensor_loop_over_many_steps(device):
+    ref, new = _model(device=device), _model(device=device)
     _train(ref, ReferenceNormalizedAdam(ref.parameters(), lr=LR), STEPS)
     _train(new, NormalizedAdam(new.parameters(), lr=LR, **adam_implementation(list(new.parameters()))), STEPS)
-    moved = max((a - b).abs().max().item() for a, b in zip(_model().parameters(), ref.parameters()))
+    moved = max((a - b).abs().max().item() for a, b in zip(_model(device=device).parameters(), ref.parameters()))
     assert moved > 50 * LR  # the run really moves the weights (Adam steps are about LR each)
     # fp32 rounding of a norm / fused update is ~1e-7 relative, i.e. ~LR * 1e-6 per step; allow 100x that,
     # summed over every step: still 1000x smaller than one step, which any real difference would show.
     tol = STEPS * LR * 1e-4
     for (name, a), b in zip(ref.named_parameters(), new.parameters()):
         assert torch.allclose(a, b, rtol=0, atol=tol), (name, (a - b).abs().max().item())
-    assert torch.equal(new.frozen, _model().frozen)  # a zero gradient leaves the tensor untouched, no NaN
+    assert torch.equal(new.frozen, _model(device=device).frozen)  # a zero gradient leaves it untouched, no NaN
 
 
 def test_resumes_a_checkpoint_of_the_loop_implementation():
@@ -92,14 +96,22 @@ def test_resumes_a_checkpoint_of_the_loop_implementation():
 
 
 @pytest.mark.parametrize("cls", [NormalizedAdam, Adam])
-def test_step_reads_nothing_back_to_the_host(cls):
-    net = _model()
+@pytest.mark.parametrize("device", DEVICES)
+def test_step_reads_nothing_back_to_the_host(cls, device):
+    net = _model(device=device)
     opt = cls(net.parameters(), lr=LR, **adam_implementation(list(net.parameters())))
     _train(net, opt, 1)  # the first step creates the state
     _loss(net, 1).backward()
     with HostReads() as reads:
         opt.step()
     assert reads.count == 0
+    if device == "cuda":  # and nothing else synchronises either
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     with HostReads() as reads:
         ReferenceNormalizedAdam(net.parameters(), lr=LR).step()
     assert reads.count >= 4  # the counter sees the loop's `if norm > 0` (one read per tensor)
