@@ -88,8 +88,8 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     log_every: int = 50  # steps between progress log lines
     profile: bool = False  # write a torch.profiler trace of a few steps
-    # torch.compile of the loss: null = auto (CUDA; CPU runs of >= 30 minutes; never the exemplar prior),
-    # true / false to force (bype/compiled_loss.py, docs/ARCHITECTURE.md)
+    # torch.compile of the loss: null = auto (CPU runs of >= 60 minutes or unbudgeted; not CUDA, not the
+    # exemplar prior: see docs/ARCHITECTURE.md), true / false to force (bype/compiled_loss.py)
     compile: Optional[bool] = None
     compile_mode: str = "auto"  # auto (reduce-overhead = CUDA graphs on CUDA, default elsewhere) | a torch mode
     sync_debug: bool = False  # count host synchronisations between log lines and log them

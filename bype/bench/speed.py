@@ -18,7 +18,7 @@ timed step is exactly the training step and memory is measured per run:
 - matmul floor: the step's own matrix products and convolutions (forward, input and weight gradients, each
   with its shapes and memory layout, recorded from one eager step) replayed alone; "x floor" is the time
   per step over it: 1.0 would mean everything besides the matrix products is free;
-- compile: with `train.compile` on (the `auto` default of a long CPU run, or CUDA) the first step runs
+- compile: with `train.compile` on (`true`, or the `null` default of a long CPU run) the first step runs
   eagerly and the second compiles; that step's time less a median step is reported as compile seconds
   (both are warm-up steps, so `--warmup` must be >= 2 to time compiled steps only);
 - `--sync-debug`: `train.sync_debug=true` in every row: the host synchronisations between the trainer's log
@@ -398,8 +398,9 @@ def record_matmuls(trainer) -> list:
     model.train()
     model.noise = RowNoise(trainer.cfg.seed, 1, 0)
     autocast = getattr(trainer.engine, "autocast", {"device_type": dev.type, "enabled": False})
-    with Recorder() as rec, torch.autocast(**autocast):
-        loss, _ = model(model.preprocess(x.to(dev)), idx.to(dev), trainer.beta(1))
+    with Recorder() as rec:
+        with torch.autocast(**autocast):
+            loss, _ = model(model.preprocess(x.to(dev)), idx.to(dev), trainer.beta(1))
         loss.backward()
     model.noise = None
     model.zero_grad(set_to_none=True)
