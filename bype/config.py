@@ -89,6 +89,11 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     log_every: int = 50  # steps between progress log lines
     profile: bool = False  # write a torch.profiler trace of a few steps
+    # torch.compile of the loss: null = auto (CPU runs of >= 60 minutes or unbudgeted; not CUDA, not the
+    # exemplar prior: see docs/ARCHITECTURE.md), true / false to force (bype/compiled_loss.py)
+    compile: Optional[bool] = None
+    compile_mode: str = "auto"  # auto (reduce-overhead = CUDA graphs on CUDA, default elsewhere) | a torch mode
+    sync_debug: bool = False  # count host synchronisations between log lines and log them
 
 
 @dataclass
@@ -105,7 +110,7 @@ class DistConfig:
     engine: str = "none"  # none | ddp | deepspeed
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     zero_stage: int = 0
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (deepspeed on GPU)
+    precision: str = "fp32"  # fp32 | bf16 (autocast, every engine) | fp16 (deepspeed only, on GPU)
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON/YAML file merged over the generated one
     shard_prior: bool = True  # several ranks: each encodes its share of the prior's mixture rows (docs/DISTRIBUTED.md)
 
@@ -139,6 +144,7 @@ CHOICES = {
     "prior.kind": ("gaussian", "vampprior", "exemplar", "bype"),
     "coreset.data_term": ("auto", "exact", "minibatch"),
     "train.optimizer": ("normalized_adam", "adam"),
+    "train.compile_mode": ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "dist.engine": ("none", "ddp", "deepspeed"),
     "dist.backend": ("auto", "gloo", "nccl"),
     "dist.precision": ("fp32", "bf16", "fp16"),
@@ -327,5 +333,5 @@ def validate(cfg: Config) -> None:
     if cfg.data.source == "memory" and cfg.data.dataset in ("cifar10", "celeba"):
         raise ConfigError(f"data.source: {cfg.data.dataset} streams from shards; set data.source=shards and "
                           "data.shards=DIR (see `bype data prepare`)")
-    if cfg.dist.engine != "deepspeed" and cfg.dist.precision != "fp32":
-        raise ConfigError(f"dist.precision: {cfg.dist.precision} needs dist.engine=deepspeed")
+    if cfg.dist.engine != "deepspeed" and cfg.dist.precision == "fp16":
+        raise ConfigError("dist.precision: fp16 needs dist.engine=deepspeed (loss scaling); use bf16")

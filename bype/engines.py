@@ -2,6 +2,8 @@
 
 `engine(x, idx, beta)` runs the model's forward (the loss) through the wrapper that synchronises
 gradients; `engine.backward(loss)` and `engine.step()` do the rest; `engine.module` is the bare model.
+The local / DDP engine runs that forward under bf16 autocast with `dist.precision=bf16`, and through
+torch.compile as `train.compile` says (bype/compiled_loss.py).
 `state_dict()` / `load_state_dict()` carry the optimiser inside the trainer's checkpoint;
 `save_checkpoint(epoch)` (every rank, before rank 0 writes that checkpoint) is where an engine with
 sharded state writes it (DeepSpeed); here it has nothing to do.
@@ -9,12 +11,16 @@ sharded state writes it (DeepSpeed); here it has nothing to do.
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 from torch import nn
 
+from bype.compiled_loss import CompiledLoss, plan_compile
 from bype.optim import build_optimizer
 from bype.parallel import attach_row_shard
+
+log = logging.getLogger("bype")
 
 
 class LocalEngine:
@@ -34,9 +40,19 @@ class LocalEngine:
             attach_row_shard(model, ctx, cfg.dist.shard_prior)
         self.optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
         self.grad_clip = cfg.train.grad_clip
+        # Autocast: matmuls in bf16, parameters, optimiser and the model's heads and losses in fp32.
+        self.autocast = dict(device_type=ctx.device.type, dtype=torch.bfloat16,
+                             enabled=cfg.dist.precision == "bf16")
+        self.loss = self.wrapped
+        mode, why = plan_compile(cfg, ctx.device)
+        if mode is not None:
+            self.loss = CompiledLoss(self.wrapped, model, mode, fullgraph=cfg.prior.kind != "exemplar")
+        log.info("engine: %s, %s, torch.compile %s", "DDP" if ddp else "one process",
+                 "bf16 autocast" if self.autocast["enabled"] else "fp32", f"on ({why})" if mode else f"off ({why})")
 
     def __call__(self, x, idx, beta):
-        return self.wrapped(x, idx, beta)
+        with torch.autocast(**self.autocast):
+            return self.loss(x, idx, beta)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -30,9 +30,10 @@ from bype.models.noise import RowNoise
 from bype.preflight import check_start
 from bype.rundir import RunDirectory, write_text_atomic
 from bype.sampling import save_coreset, save_curves, save_samples
+from bype.step_stats import EpochStats
 
 log = logging.getLogger("bype")
-BUDGET_CHECK_STEPS = 10  # how often a step checks the wall-clock budget (a broadcast under DDP)
+BUDGET_CHECK_STEPS = 10  # how often a single process checks the wall-clock budget (DDP: every log line)
 
 
 def seed_everything(seed: int) -> None:
@@ -166,8 +167,10 @@ class Trainer:
 
     def _over_budget(self, epoch_start: float, budget: float) -> bool:
         """Rank 0's clock decides for every rank, so all of them stop after the same step."""
-        over = torch.tensor(float(self.train_seconds + time.time() - epoch_start > budget), device=self.ctx.device)
-        return bool(broadcast(over).item())
+        over = self.train_seconds + time.time() - epoch_start > budget
+        if not self.ctx.distributed:
+            return over  # decided on the host: no device round trip
+        return bool(broadcast(torch.tensor(float(over), device=self.ctx.device)).item())
 
     def train_epoch(self, epoch: int, budget: float = math.inf) -> dict:
         """Run epoch `epoch` (1-based). A wall-clock `budget` (seconds of training, all epochs) that runs
@@ -178,29 +181,30 @@ class Trainer:
         beta = self.beta(epoch)
         loader = self.data.train_loader
         bar = Progress(len(loader), f"epoch {epoch}", cfg.train.log_every, enabled=self.ctx.is_main)
-        sums = {"loss": 0.0, "rec": 0.0, "kl": 0.0}
+        epoch_stats = EpochStats(("loss", "rec", "kl"), self.ctx.device, cfg.train.log_every, len(loader),
+                                 cfg.train.sync_debug, f"epoch {epoch} ")  # read every log_every steps only
         n = 0
         profiler = self._profiler() if cfg.train.profile and epoch == self.epoch + 1 else None
         t0 = time.time()
         for i, (x, _, idx) in enumerate(loader.epoch(epoch)):
             model.noise = RowNoise(cfg.seed, epoch, i, self.ctx.rank, self.ctx.world_size)
             x = model.preprocess(x.to(self.ctx.device, non_blocking=True))
-            loss, stats = self.engine(x, idx.to(self.ctx.device), beta)
+            loss, stats = self.engine(x, idx.to(self.ctx.device, non_blocking=True), beta)
             self.engine.backward(loss)
             self.engine.step()
             model.noise = None
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch} step {i}: loss is {loss.item()}")
+            postfix = epoch_stats.add(loss, stats, i)  # raises at a log line if a loss was not finite
             self.step += 1
-            for k in sums:
-                sums[k] += (loss if k == "loss" else stats[k]).item()
             n += 1
-            bar.update(1, loss=loss.item())
+            bar.update(1, **postfix)
             if profiler is not None:
                 profiler.step()
-            if budget < math.inf and n % BUDGET_CHECK_STEPS == 0 and self._over_budget(t0, budget):
+            # Under DDP the check is a collective read by the host: only at log lines, where the host reads anyway.
+            check_every = cfg.train.log_every if self.ctx.distributed else BUDGET_CHECK_STEPS
+            if budget < math.inf and n % check_every == 0 and self._over_budget(t0, budget):
                 log.info("time budget reached after %d of %d steps of epoch %d", n, len(loader), epoch)
                 break
+        sums = epoch_stats.close()
         bar.close()
         if profiler is not None:
             profiler.__exit__(None, None, None)

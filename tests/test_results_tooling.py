@@ -28,6 +28,8 @@ def test_speed_bench_times_every_prior_and_the_knn_row(tmp_path, fmnist_root, ca
         assert r["epoch_s"] >= r["step_s"] * r["steps_per_epoch"], name
         assert r["peak_mb"] > 50 and r["train_delta_mb"] >= 0, name
         assert r["step_flops"] > 0 and 0 < r["fraction_of_matmul"], name
+        # the floor replays only the step's matrix products; auto compile stays off for a 5.5-minute CPU run
+        assert 0 < r["matmul_floor_s"] and r["vs_floor"] > 0 and r["compiled"] is False, name
     # ByPE pays its coreset update once per `coreset.every` epochs, on top of the steps.
     bype = rows["bype"]
     assert bype["coreset_update_s"] > 0 and bype["coreset_every"] == 2 and bype["vs_bype"] == pytest.approx(1.0)

@@ -1,7 +1,7 @@
 """Training speed of every prior on the same model and data: time per epoch, peak memory, FLOP/s.
 
   bype bench speed [--config FILE] [--priors gaussian,vampprior,exemplar,bype] [--knn 10]
-                   [--steps 30] [--warmup 3] [--out DIR] [key.sub=value ...]
+                   [--steps 30] [--warmup 3] [--sync-debug] [--out DIR] [key.sub=value ...]
 
 Each row trains in its own subprocess through the trainer's own epoch loop (`Trainer.train_epoch`), so the
 timed step is exactly the training step and memory is measured per run:
@@ -14,7 +14,15 @@ timed step is exactly the training step and memory is measured per run:
   `getrusage` ru_maxrss delta; the delta over the post-set-up resident set is what training adds;
 - FLOPs: `torch.utils.flop_counter.FlopCounterMode` over one training step (forward, backward, optimiser;
   matrix products and convolutions, as that counter does), divided by the time per step, and compared with
-  the machine's fp32 matrix-multiply rate measured once here.
+  the machine's fp32 matrix-multiply rate measured once here;
+- matmul floor: the step's own matrix products and convolutions (forward, input and weight gradients, each
+  with its shapes and memory layout, recorded from one eager step) replayed alone; "x floor" is the time
+  per step over it: 1.0 would mean everything besides the matrix products is free;
+- compile: with `train.compile` on (`true`, or the `null` default of a long CPU run) the first step runs
+  eagerly and the second compiles; that step's time less a median step is reported as compile seconds
+  (both are warm-up steps, so `--warmup` must be >= 2 to time compiled steps only);
+- `--sync-debug`: `train.sync_debug=true` in every row: the host synchronisations between the trainer's log
+  lines (`torch.cuda.set_sync_debug_mode` on CUDA), per timed step.
 
 The Exemplar prior runs as published (`prior.exemplar.subset` exemplars per step, leave-one-out) and, with
 `--knn K`, as a second row retrieving the K nearest exemplars from a per-epoch latent cache.
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -53,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--matmul-size", type=int, default=None, help="n of the n x n fp32 matmul (2048 CPU, 8192 GPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="count host synchronisations between log lines (train.sync_debug=true, log_every=--warmup)")
     p.add_argument("--out", default="runs/bench/speed", help="directory for speed.json and speed.md")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one row, in a subprocess
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every row")
@@ -106,8 +117,10 @@ def run(args) -> int:
     results = []
     for i, r in enumerate(rows):
         print(f"[{i + 1}/{len(rows)}] timing {r['row']}: {args.warmup} + {args.steps} steps", flush=True)
+        # log lines (and sync counts) after the warm-up steps, then every as many steps
+        sync = ["train.sync_debug=true", f"train.log_every={max(1, args.warmup)}"] if args.sync_debug else []
         spec = {"row": r["row"], "prior": r["prior"], "config": args.config, "device": args.device,
-                "overrides": [*args.overrides, *r["extra"]], "steps": args.steps, "warmup": args.warmup,
+                "overrides": [*args.overrides, *r["extra"], *sync], "steps": args.steps, "warmup": args.warmup,
                 "coreset_steps": args.coreset_steps, "threads": threads}
         results.append(_run_worker(spec, args.out))
     _add_derived(results, peak)
@@ -173,8 +186,11 @@ def _add_derived(rows: list[dict], peak: float) -> None:
 
 
 def format_table(report: dict) -> str:
-    head = ("| prior | ms / step (median) | steps / epoch | epoch hook s | coreset update s | s / epoch | x ByPE "
-            "| peak MB | +MB training | GFLOP / step | GFLOP/s | % of matmul |")
+    head = ("| prior | ms / step (median) | floor ms | x floor | steps / epoch | epoch hook s | coreset update s "
+            "| s / epoch | x ByPE | peak MB | +MB training | GFLOP / step | GFLOP/s | % of matmul | compiled |")
+    syncs = any("host_syncs_per_step" in r for r in report["rows"])
+    if syncs:
+        head += " host syncs / step |"
     n_cols = head.count("|") - 1
     lines = [head, "|" + "---|" * n_cols]
     for r in report["rows"]:
@@ -184,15 +200,21 @@ def format_table(report: dict) -> str:
         upd = f"{r['coreset_update_s']:.1f} / {r['coreset_every']}" if r.get("coreset_update_s") is not None else "-"
         ratio = f"{r['vs_bype']:.2f}" if r.get("vs_bype") else "-"
         median = f" ({r['step_median_s'] * 1e3:.1f})" if "step_median_s" in r else ""
-        lines.append(
-            f"| {r['row']} | {r['step_s'] * 1e3:.1f}{median} | {r['steps_per_epoch']} | {r['epoch_hook_s']:.2f} "
-            f"| {upd} | {r['epoch_s']:.1f} | {ratio} | {r['peak_mb']:.0f} | {r['train_delta_mb']:.0f} "
-            f"| {r['step_flops'] / 1e9:.2f} | {r['flops_per_s'] / 1e9:.1f} | {100 * r['fraction_of_matmul']:.0f} |")
+        compiled = (f"yes ({r['compile_s']:.0f} s)" if "compile_s" in r else "yes") if r.get("compiled") else "no"
+        line = (f"| {r['row']} | {r['step_s'] * 1e3:.1f}{median} | {r['matmul_floor_s'] * 1e3:.1f} "
+                f"| {r['vs_floor']:.2f} | {r['steps_per_epoch']} | {r['epoch_hook_s']:.2f} "
+                f"| {upd} | {r['epoch_s']:.1f} | {ratio} | {r['peak_mb']:.0f} | {r['train_delta_mb']:.0f} "
+                f"| {r['step_flops'] / 1e9:.2f} | {r['flops_per_s'] / 1e9:.1f} | {100 * r['fraction_of_matmul']:.0f} "
+                f"| {compiled} |")
+        if syncs:
+            line += f" {r['host_syncs_per_step']:.2f} |" if "host_syncs_per_step" in r else " - |"
+        lines.append(line)
     m = report["matmul"]
     lines.append("")
     lines.append(f"Device {report['device']} ({report['machine']}), {report['threads']} threads; fp32 matmul "
                  f"{m['n']}x{m['n']}: {m['flops_per_s'] / 1e9:.1f} GFLOP/s. {report['steps']} timed steps per row "
-                 f"after {report['warmup']} warm-up steps. Memory: {report['memory_method']}.")
+                 f"after {report['warmup']} warm-up steps. Memory: {report['memory_method']}. Floor: the step's "
+                 "own matrix products replayed alone; x floor = median step / floor.")
     return "\n".join(lines)
 
 
@@ -347,6 +369,61 @@ def count_step_flops(trainer) -> int:
     return int(counter.get_total_flops())
 
 
+MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward")
+
+
+def record_matmuls(trainer) -> list:
+    """The matrix products and convolutions of one eager training step (forward and backward of the bare
+    model), each as (op, copies of its arguments): what `matmul_floor` replays."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bype.models.noise import RowNoise
+
+    ops = {getattr(torch.ops.aten, name).default for name in MATMUL_OPS}
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in ops:
+                self.calls.append((func, [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args],
+                                   kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    model, dev = trainer.model, trainer.ctx.device
+    x, _, idx = next(iter(trainer.data.train_loader.epoch(1)))
+    model.train()
+    model.noise = RowNoise(trainer.cfg.seed, 1, 0)
+    autocast = getattr(trainer.engine, "autocast", {"device_type": dev.type, "enabled": False})
+    with Recorder() as rec:
+        with torch.autocast(**autocast):
+            loss, _ = model(model.preprocess(x.to(dev)), idx.to(dev), trainer.beta(1))
+        loss.backward()
+    model.noise = None
+    model.zero_grad(set_to_none=True)
+    return rec.calls
+
+
+def matmul_floor(calls: list, dev, repeats: int = 20) -> float:
+    """Median seconds of the recorded matrix products run back to back, alone."""
+    def replay():
+        for func, args, kwargs in calls:
+            func(*args, **kwargs)
+        _sync(dev)
+
+    for _ in range(3):
+        replay()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        replay()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def count_hook_flops(trainer) -> int:
     """FLOPs of the prior's per-epoch hook (the Exemplar retrieval mode encodes all N training images)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -391,6 +468,8 @@ def measure(spec: dict, work_dir: str) -> dict:
     out["memory_method"] = meter.method
 
     out["step_flops"] = count_step_flops(trainer)
+    out["matmul_floor_s"] = matmul_floor(record_matmuls(trainer), dev)
+    out["vs_floor"] = out["step_median_s"] / out["matmul_floor_s"]
     out["epoch_hook_flops"] = count_hook_flops(trainer)
     x_val = model_inputs(trainer.model, trainer.data.val)
     t1 = time.perf_counter()
@@ -401,22 +480,49 @@ def measure(spec: dict, work_dir: str) -> dict:
     return out
 
 
+class _SyncLines(logging.Handler):
+    """Collects the trainer's "host syncs between log lines: N in K steps" lines."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: list[tuple[int, int]] = []
+
+    def emit(self, record):
+        words = record.getMessage().split()
+        if record.getMessage().startswith("host syncs between log lines:"):
+            self.counts.append((int(words[5]), int(words[7])))
+
+
 def _time_steps(trainer, warmup: int, steps: int) -> dict:
     """`warmup` + `steps` steps of the trainer's own epoch loop; the per-epoch hook timed apart."""
+    from bype.compiled_loss import CompiledLoss
+
     loader = trainer.data.train_loader
     timed = TimedLoader(loader, warmup + steps)
     trainer.data.train_loader = timed
+    syncs = _SyncLines()
+    logging.getLogger("bype").addHandler(syncs)
     t0 = time.perf_counter()
     try:
         trainer.train_epoch(1)  # on_epoch_start (the per-epoch hook) runs before the first batch request
     finally:
         trainer.data.train_loader = loader
+        logging.getLogger("bype").removeHandler(syncs)
     marks = timed.marks
-    times = sorted(b - a for a, b in zip(marks[warmup:], marks[warmup + 1:]))
-    return {"epoch_hook_s": marks[0] - t0,
-            "step_s": sum(times) / len(times),  # the mean: what an epoch of such steps costs
-            "step_median_s": times[len(times) // 2],  # robust to interference from other processes
-            "step_max_s": times[-1]}
+    all_times = [b - a for a, b in zip(marks, marks[1:])]
+    times = sorted(all_times[warmup:])
+    out = {"epoch_hook_s": marks[0] - t0,
+           "step_s": sum(times) / len(times),  # the mean: what an epoch of such steps costs
+           "step_median_s": times[len(times) // 2],  # robust to interference from other processes
+           "step_max_s": times[-1],
+           "compiled": isinstance(getattr(trainer.engine, "loss", None), CompiledLoss)}
+    if out["compiled"] and warmup >= 2:  # step 1 eager (records the noise draws), step 2 compiles
+        out["compile_s"] = max(0.0, all_times[1] - out["step_median_s"])
+    if syncs.counts:  # the first window holds the warm-up (and compile) steps
+        timed_counts = syncs.counts[1:] or syncs.counts
+        out["host_syncs_between_log_lines"] = syncs.counts
+        out["host_syncs_per_step"] = sum(c for c, _ in timed_counts) / max(1, sum(k for _, k in timed_counts))
+    return out
 
 
 def _time_coreset(trainer, full_config, dev) -> dict:

@@ -16,8 +16,10 @@ class RowNoise:
 
     def _draw(self, fn, like: torch.Tensor) -> torch.Tensor:
         shape = (like.shape[0] * self.world_size, *like.shape[1:])
-        full = fn(shape, generator=self.generator, dtype=like.dtype)
-        return full[self.rank::self.world_size].to(like.device)
+        part = fn(shape, generator=self.generator, dtype=like.dtype)[self.rank::self.world_size]
+        if like.device.type == "cuda":  # from pinned memory the copy need not hold the host until it is done
+            return part.pin_memory().to(like.device, non_blocking=True)
+        return part.to(like.device)
 
     def randn_like(self, like: torch.Tensor) -> torch.Tensor:
         return self._draw(torch.randn, like)

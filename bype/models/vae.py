@@ -18,8 +18,14 @@ from bype.models.priors import Prior, build_prior, normal_logpdf
 LOGVAR_MIN, LOGVAR_MAX = -6.0, 2.0
 
 
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """Autocast's bf16 / fp16 outputs back to fp32 (fp32 and fp64 pass unchanged)."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 class GaussianHead(nn.Module):
-    """Mean and Hardtanh(-6, 2) log-variance of a diagonal Gaussian."""
+    """Mean and Hardtanh(-6, 2) log-variance of a diagonal Gaussian, in fp32 also under autocast: the
+    latents, the log-densities and the mixture prior's distances keep full precision."""
 
     def __init__(self, n_in: int, n_out: int):
         super().__init__()
@@ -27,7 +33,7 @@ class GaussianHead(nn.Module):
         self.logvar = nn.Linear(n_in, n_out)
 
     def forward(self, h):
-        return self.mean(h), self.logvar(h).clamp(LOGVAR_MIN, LOGVAR_MAX)
+        return full_precision(self.mean(h)), full_precision(self.logvar(h)).clamp(LOGVAR_MIN, LOGVAR_MAX)
 
 
 def reparameterize(mu, logvar, generator=None, noise=None):
@@ -127,8 +133,8 @@ class VAE(VAEBase):
         return self.q_z(self.encoder(x))
 
     def decode_params(self, z_top, generator=None):
-        raw = self.out(self.decoder(z_top)).view(z_top.shape[0], self.likelihood.planes, self.data_dim)
-        return self.likelihood.head(raw)
+        raw = full_precision(self.out(self.decoder(z_top)))
+        return self.likelihood.head(raw.view(z_top.shape[0], self.likelihood.planes, self.data_dim))
 
     def _log_weights(self, x, idx=None, n_samples=1):
         mu, logvar = _repeat(self.encode_flat(x), n_samples)
@@ -191,7 +197,7 @@ class HVAE(HierarchicalBase):
 
     def decode_x(self, z1, z2):
         raw = self.p_x(torch.cat([self.p_x_z1(z1), self.p_x_z2(z2)], -1))
-        return self.likelihood.head(raw.view(z1.shape[0], self.likelihood.planes, self.data_dim))
+        return self.likelihood.head(full_precision(raw).view(z1.shape[0], self.likelihood.planes, self.data_dim))
 
 
 def _conv_encoder(c_in: int) -> nn.Sequential:
@@ -234,7 +240,7 @@ class ConvHVAE(HierarchicalBase):
         _, h, w = self.input_shape
         planes = torch.stack([self.p_x_z1(z1).view(-1, h, w), self.p_x_z2(z2).view(-1, h, w)], 1)
         raw = self.p_x_out(self.p_x_conv(planes))  # [B, P*C, H, W], planes outermost
-        return self.likelihood.head(raw.reshape(z1.shape[0], self.likelihood.planes, self.data_dim))
+        return self.likelihood.head(full_precision(raw).reshape(z1.shape[0], self.likelihood.planes, self.data_dim))
 
 
 ARCHITECTURES = {"vae": VAE, "hvae": HVAE, "convhvae": ConvHVAE}
