@@ -133,7 +133,10 @@ class ExemplarPrior(Prior):
         return self.bank[pick].float() / 255.0
 
     @torch.no_grad()
-    def _all_means(self, model, chunk: int = 4096) -> torch.Tensor:
+    def _all_means(self, model) -> torch.Tensor:
+        from bype.eval_memory import encode_rows
+
+        chunk = encode_rows(model, self.bank.shape[1])  # rows per chunk from the memory budget (eval.memory_mb)
         return torch.cat([model.encode_flat(b.float() / 255.0)[0] for b in self.bank.split(chunk)])
 
     def on_epoch_start(self, model):
