@@ -88,6 +88,7 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     log_every: int = 50  # steps between progress log lines
     profile: bool = False  # write a torch.profiler trace of a few steps
+    cost_estimate: bool = True  # time a training step and a coreset step at start-up; log epoch / update cost
 
 
 @dataclass

@@ -24,6 +24,7 @@ from bype.data import DataBundle, load_data
 from bype.dist import DistContext, all_reduce_sum, barrier, broadcast, check_replicated, init_distributed
 from bype.engines import build_engine
 from bype import eval_memory
+from bype.cost import estimate_costs
 from bype.evaluate import evaluate, validation_loss
 from bype.metrics import MetricsWriter, Progress, read_metrics, setup_logging, truncate_metrics
 from bype.models import build_model
@@ -96,6 +97,7 @@ class Trainer:
         log.info("run %s: %s prior, %s arch, N=%d, %d steps/epoch, %d rank(s) on %s, kernels impl=%s",
                  self.run_dir, cfg.prior.kind, cfg.model.arch, self.data.n_train, len(self.data.train_loader),
                  self.ctx.world_size, self.ctx.device, self._kernel_impl())
+        self.cost = estimate_costs(self) if cfg.train.cost_estimate else None  # predicted epoch / update times
 
     # --- set-up -------------------------------------------------------------------------------
     def _prepare_run_dir(self, resume: bool) -> None:

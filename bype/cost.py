@@ -1,0 +1,101 @@
+"""The cost of a run, measured at start-up before it is paid.
+
+`estimate_costs(trainer)` times training steps (forward and backward of the loss on a batch of the
+per-rank size, after one untimed warm-up; the fastest of TIMED_STEPS) and two pseudocoreset steps (samples, decoder, data term and
+gradients; the second is timed, the first warms up), then predicts
+
+    epoch  = steps per epoch x training step
+    update = coreset.steps x coreset step           (every coreset.every epochs)
+
+and warns when one update costs more than the `every` epochs of training it serves. Nothing of the run's
+state changes: the global RNG is forked, the gradients are returned by `torch.autograd.grad` (no `.grad`,
+no optimiser step, no DDP hooks) and the coreset gradients are not applied.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from bype.coreset import frozen
+
+log = logging.getLogger("bype")
+TIMED_STEPS = 2  # training steps timed after the warm-up (the faster counts: the least disturbed by other load)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _format(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def train_step_seconds(trainer) -> float:
+    """Forward and backward of one per-rank batch (real validation images), after a warm-up call."""
+    model, device = trainer.model, trainer.ctx.device
+    rows = max(1, trainer.cfg.train.batch_size // trainer.ctx.world_size)
+    val = trainer.data.val
+    x = val.x[torch.arange(rows) % len(val)].to(device).float().div_(255.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        loss, _ = model.loss(model.preprocess(x), None, trainer.beta(1))
+        torch.autograd.grad(loss, params, allow_unused=True)
+
+    was = model.training
+    model.train()
+    try:
+        step()  # warm-up: kernels compiled, caches filled
+        return min(_timed(step, device) for _ in range(TIMED_STEPS))
+    finally:
+        model.train(was)
+
+
+def coreset_step_seconds(trainer) -> float:
+    """One pseudocoreset step at the current (U, w), without applying it: second of two calls."""
+    coreset, device = trainer.coreset, trainer.ctx.device
+    with frozen(trainer.model):
+        coreset._evaluate(0, 0)
+        return _timed(lambda: coreset._evaluate(0, 1), device)
+
+
+def estimate_costs(trainer) -> dict:
+    """Measured step times and predicted epoch / update times (seconds); logged, with a warning when an
+    update outweighs the epochs it serves."""
+    cfg, device = trainer.cfg, trainer.ctx.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        step_s = train_step_seconds(trainer)
+        out = {"train_step_s": step_s, "steps_per_epoch": len(trainer.data.train_loader)}
+        out["epoch_s"] = step_s * out["steps_per_epoch"]
+        if trainer.coreset is not None:
+            c = trainer.coreset
+            out.update(coreset_step_s=coreset_step_seconds(trainer), coreset_steps=c.steps, coreset_every=c.every)
+            out["update_s"] = out["coreset_step_s"] * c.steps
+    log.info("cost estimate: training step %.3g s x %d steps = %s per epoch (validation not included)",
+             step_s, out["steps_per_epoch"], _format(out["epoch_s"]))
+    if "update_s" in out:
+        served = out["coreset_every"] * out["epoch_s"]
+        share = out["update_s"] / (out["update_s"] + served)
+        log.info("cost estimate: coreset step %.3g s x %d steps (S=%d, M=%d) = %s per update every %d epochs "
+                 "(%.0f%% of training time)", out["coreset_step_s"], out["coreset_steps"], trainer.coreset.samples,
+                 trainer.model.prior.n_components, _format(out["update_s"]), out["coreset_every"], 100 * share)
+        if out["update_s"] > served:
+            log.warning("cost estimate: one coreset update (%s) outweighs the %d epochs it serves (%s); lower "
+                        "coreset.steps or coreset.samples, or raise coreset.every", _format(out["update_s"]),
+                        out["coreset_every"], _format(served))
+    return out

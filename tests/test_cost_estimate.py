@@ -1,0 +1,53 @@
+"""The start-up cost estimate: measured step times, predicted epoch and update, a warning when an update
+outweighs the epochs it serves, and nothing of the run changed by measuring."""
+import logging
+
+import pytest
+import torch
+
+from bype.config import load_config
+from bype.cost import estimate_costs
+from bype.trainer import Trainer
+from tests.helpers import tiny_config
+
+SMOKE_CONFIGS = ["configs/fashion-mnist/smoke.yaml", "configs/mnist/smoke.yaml", "configs/cifar10/smoke.yaml",
+                 "configs/celeba/smoke.yaml"]
+
+
+def test_estimate_predicts_from_measured_steps_and_warns(tmp_path, fmnist_root, caplog):
+    # 20 steps of S = 400 against epochs of 20 training steps: the update costs more than the epoch it serves.
+    cfg = tiny_config(tmp_path, "prior.kind=bype", "coreset.every=1", "coreset.steps=2000", "coreset.samples=400",
+                      "train.cost_estimate=false", "name=warn")
+    trainer = Trainer(cfg)
+    with caplog.at_level(logging.INFO, logger="bype"):
+        est = estimate_costs(trainer)
+    assert est["steps_per_epoch"] == 20 and est["coreset_steps"] == 2000 and est["coreset_every"] == 1
+    assert est["train_step_s"] > 0 and est["coreset_step_s"] > 0
+    assert est["epoch_s"] == pytest.approx(20 * est["train_step_s"])
+    assert est["update_s"] == pytest.approx(2000 * est["coreset_step_s"])
+    assert "per epoch" in caplog.text and "per update every 1 epochs" in caplog.text
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "outweighs" in r.getMessage()]
+    assert len(warned) == (est["update_s"] > est["epoch_s"])
+    assert warned, "2000 coreset steps at S=400 should outweigh 20 training steps of batch 50"
+
+
+def test_measuring_changes_nothing(tmp_path, fmnist_root):
+    # Two runs differing only in the estimate: the same state after start-up and after one epoch.
+    states = []
+    for flag in ("true", "false"):
+        trainer = Trainer(tiny_config(tmp_path, "prior.kind=exemplar", "prior.exemplar.subset=100",
+                                      "train.epochs=1", f"train.cost_estimate={flag}", f"name=est-{flag}"))
+        rng = torch.get_rng_state()
+        trainer.fit()
+        states.append((rng, {k: v.clone() for k, v in trainer.model.state_dict().items()}))
+    (rng_a, a), (rng_b, b) = states
+    assert torch.equal(rng_a, rng_b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("path", SMOKE_CONFIGS)
+def test_smoke_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.train.max_minutes is not None and cfg.train.max_minutes <= 5  # minutes, on a CPU
+    assert cfg.data.train_limit is not None and cfg.eval.is_samples <= 500
