@@ -1,8 +1,8 @@
 """The cost of a run, measured at start-up before it is paid.
 
-`estimate_costs(trainer)` times training steps (forward and backward of the loss on a batch of the
-per-rank size, after one untimed warm-up; the fastest of TIMED_STEPS) and two pseudocoreset steps (samples, decoder, data term and
-gradients; the second is timed, the first warms up), then predicts
+`estimate_costs(trainer)` times a training step (forward and backward of the loss on a batch of the
+per-rank size) and a pseudocoreset step (samples, decoder, data term and gradients): one call when
+it is slow, else the fastest of two calls after a warm-up call. Then it predicts
 
     epoch  = steps per epoch x training step
     update = coreset.steps x coreset step           (every coreset.every epochs)
@@ -21,7 +21,8 @@ import torch
 from bype.coreset import frozen
 
 log = logging.getLogger("bype")
-TIMED_STEPS = 2  # training steps timed after the warm-up (the faster counts: the least disturbed by other load)
+SLOW_CALL_S = 2.0  # a first call this slow is the measurement (warm-up is a small share of it)
+TIMED_CALLS = 2  # otherwise calls timed after the warm-up; the fastest counts (the least disturbed by other load)
 
 
 def _sync(device: torch.device) -> None:
@@ -45,8 +46,17 @@ def _format(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _measure(fn, device: torch.device) -> float:
+    """Seconds of one call of `fn`: the first call when it is slow (compilation is then a small share and a
+    second call would double the start-up cost), else the fastest of TIMED_CALLS calls after it."""
+    first = _timed(fn, device)
+    if first >= SLOW_CALL_S:
+        return first
+    return min(_timed(fn, device) for _ in range(TIMED_CALLS))
+
+
 def train_step_seconds(trainer) -> float:
-    """Forward and backward of one per-rank batch (real validation images), after a warm-up call."""
+    """Forward and backward of one per-rank batch (real validation images)."""
     model, device = trainer.model, trainer.ctx.device
     rows = max(1, trainer.cfg.train.batch_size // trainer.ctx.world_size)
     val = trainer.data.val
@@ -60,18 +70,16 @@ def train_step_seconds(trainer) -> float:
     was = model.training
     model.train()
     try:
-        step()  # warm-up: kernels compiled, caches filled
-        return min(_timed(step, device) for _ in range(TIMED_STEPS))
+        return _measure(step, device)
     finally:
         model.train(was)
 
 
 def coreset_step_seconds(trainer) -> float:
-    """One pseudocoreset step at the current (U, w), without applying it: second of two calls."""
+    """One pseudocoreset step at the current (U, w), without applying it."""
     coreset, device = trainer.coreset, trainer.ctx.device
     with frozen(trainer.model):
-        coreset._evaluate(0, 0)
-        return _timed(lambda: coreset._evaluate(0, 1), device)
+        return _measure(lambda: coreset._evaluate(0, 0), device)
 
 
 def estimate_costs(trainer) -> dict:

@@ -1,6 +1,7 @@
 """The start-up cost estimate: measured step times, predicted epoch and update, a warning when an update
 outweighs the epochs it serves, and nothing of the run changed by measuring."""
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,23 +11,38 @@ from bype.cost import estimate_costs
 from bype.trainer import Trainer
 from tests.helpers import tiny_config
 
-SMOKE_CONFIGS = ["configs/fashion-mnist/smoke.yaml", "configs/mnist/smoke.yaml", "configs/cifar10/smoke.yaml",
-                 "configs/celeba/smoke.yaml"]
+SMOKE_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "smoke").glob("*.yaml"))
 
 
-def test_estimate_predicts_from_measured_steps_and_warns(tmp_path, fmnist_root, caplog):
+class Records(logging.Handler):
+    """The bype logger's records (it does not propagate to pytest's caplog)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_estimate_predicts_from_measured_steps_and_warns(tmp_path, fmnist_root):
     # 20 steps of S = 400 against epochs of 20 training steps: the update costs more than the epoch it serves.
     cfg = tiny_config(tmp_path, "prior.kind=bype", "coreset.every=1", "coreset.steps=2000", "coreset.samples=400",
                       "train.cost_estimate=false", "name=warn")
     trainer = Trainer(cfg)
-    with caplog.at_level(logging.INFO, logger="bype"):
+    seen, logger = Records(), logging.getLogger("bype")
+    logger.addHandler(seen)
+    try:
         est = estimate_costs(trainer)
+    finally:
+        logger.removeHandler(seen)
+    text = "\n".join(r.getMessage() for r in seen.records)
     assert est["steps_per_epoch"] == 20 and est["coreset_steps"] == 2000 and est["coreset_every"] == 1
     assert est["train_step_s"] > 0 and est["coreset_step_s"] > 0
     assert est["epoch_s"] == pytest.approx(20 * est["train_step_s"])
     assert est["update_s"] == pytest.approx(2000 * est["coreset_step_s"])
-    assert "per epoch" in caplog.text and "per update every 1 epochs" in caplog.text
-    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "outweighs" in r.getMessage()]
+    assert "per epoch" in text and "per update every 1 epochs" in text
+    warned = [r for r in seen.records if r.levelno == logging.WARNING and "outweighs" in r.getMessage()]
     assert len(warned) == (est["update_s"] > est["epoch_s"])
     assert warned, "2000 coreset steps at S=400 should outweigh 20 training steps of batch 50"
 
@@ -48,6 +64,11 @@ def test_measuring_changes_nothing(tmp_path, fmnist_root):
 
 @pytest.mark.parametrize("path", SMOKE_CONFIGS)
 def test_smoke_configs_load(path):
-    cfg = load_config(path)
+    cfg = load_config(str(path))
     assert cfg.train.max_minutes is not None and cfg.train.max_minutes <= 5  # minutes, on a CPU
-    assert cfg.data.train_limit is not None and cfg.eval.is_samples <= 500
+    assert cfg.prior.kind == "bype" and cfg.coreset.every <= cfg.train.epochs  # a coreset update happens
+    assert cfg.eval.is_samples <= 500 and cfg.eval.at_end
+
+
+def test_every_data_set_has_a_smoke_config():
+    assert sorted(p.stem for p in SMOKE_CONFIGS) == ["celeba", "cifar10", "fashion-mnist", "mnist"]
