@@ -14,6 +14,7 @@ no optimiser step, no DDP hooks) and the coreset gradients are not applied.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -86,24 +87,38 @@ def estimate_costs(trainer) -> dict:
     """Measured step times and predicted epoch / update times (seconds); logged, with a warning when an
     update outweighs the epochs it serves."""
     cfg, device = trainer.cfg, trainer.ctx.device
+    out = {"steps_per_epoch": len(trainer.data.train_loader)}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        step_s = train_step_seconds(trainer)
-        out = {"train_step_s": step_s, "steps_per_epoch": len(trainer.data.train_loader)}
-        out["epoch_s"] = step_s * out["steps_per_epoch"]
+        if cfg.dist.engine == "deepspeed":  # its module may hold bf16 or ZeRO-3-partitioned weights
+            log.info("cost estimate: training step not measured under DeepSpeed (the engine owns the weights)")
+        else:
+            out["train_step_s"] = train_step_seconds(trainer)
+            out["epoch_s"] = out["train_step_s"] * out["steps_per_epoch"]
         if trainer.coreset is not None:
             c = trainer.coreset
             out.update(coreset_step_s=coreset_step_seconds(trainer), coreset_steps=c.steps, coreset_every=c.every)
             out["update_s"] = out["coreset_step_s"] * c.steps
-    log.info("cost estimate: training step %.3g s x %d steps = %s per epoch (validation not included)",
-             step_s, out["steps_per_epoch"], _format(out["epoch_s"]))
-    if "update_s" in out:
-        served = out["coreset_every"] * out["epoch_s"]
-        share = out["update_s"] / (out["update_s"] + served)
-        log.info("cost estimate: coreset step %.3g s x %d steps (S=%d, M=%d) = %s per update every %d epochs "
-                 "(%.0f%% of training time)", out["coreset_step_s"], out["coreset_steps"], trainer.coreset.samples,
-                 trainer.model.prior.n_components, _format(out["update_s"]), out["coreset_every"], 100 * share)
-        if out["update_s"] > served:
-            log.warning("cost estimate: one coreset update (%s) outweighs the %d epochs it serves (%s); lower "
-                        "coreset.steps or coreset.samples, or raise coreset.every", _format(out["update_s"]),
-                        out["coreset_every"], _format(served))
+    if trainer.coreset is not None:
+        out.update(samples=trainer.coreset.samples, components=trainer.model.prior.n_components)
+    log_estimate(out)
     return out
+
+
+def log_estimate(out: dict) -> bool:
+    """Log the predictions of `estimate_costs`; True (and a warning) when an update outweighs its epochs."""
+    if "epoch_s" in out:
+        log.info("cost estimate: training step %.3g s x %d steps = %s per epoch (validation not included)",
+                 out["train_step_s"], out["steps_per_epoch"], _format(out["epoch_s"]))
+    if "update_s" not in out:
+        return False
+    served = out["coreset_every"] * out.get("epoch_s", math.nan)
+    share = out["update_s"] / (out["update_s"] + served)
+    log.info("cost estimate: coreset step %.3g s x %d steps (S=%d, M=%d) = %s per update every %d epochs "
+             "(%.0f%% of training time)", out["coreset_step_s"], out["coreset_steps"], out["samples"],
+             out["components"], _format(out["update_s"]), out["coreset_every"], 100 * share)
+    if not out["update_s"] > served:  # also when the epoch was not measured (nan)
+        return False
+    log.warning("cost estimate: one coreset update (%s) outweighs the %d epochs it serves (%s); lower "
+                "coreset.steps or coreset.samples, or raise coreset.every", _format(out["update_s"]),
+                out["coreset_every"], _format(served))
+    return True

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bype.config import load_config
-from bype.cost import estimate_costs
+from bype.cost import estimate_costs, log_estimate
 from bype.trainer import Trainer
 from tests.helpers import tiny_config
 
@@ -26,7 +26,7 @@ class Records(logging.Handler):
 
 
 def test_estimate_predicts_from_measured_steps_and_warns(tmp_path, fmnist_root):
-    # 20 steps of S = 400 against epochs of 20 training steps: the update costs more than the epoch it serves.
+    # 2000 coreset steps at S = 400 against epochs of 20 training steps.
     cfg = tiny_config(tmp_path, "prior.kind=bype", "coreset.every=1", "coreset.steps=2000", "coreset.samples=400",
                       "train.cost_estimate=false", "name=warn")
     trainer = Trainer(cfg)
@@ -43,8 +43,16 @@ def test_estimate_predicts_from_measured_steps_and_warns(tmp_path, fmnist_root):
     assert est["update_s"] == pytest.approx(2000 * est["coreset_step_s"])
     assert "per epoch" in text and "per update every 1 epochs" in text
     warned = [r for r in seen.records if r.levelno == logging.WARNING and "outweighs" in r.getMessage()]
-    assert len(warned) == (est["update_s"] > est["epoch_s"])
-    assert warned, "2000 coreset steps at S=400 should outweigh 20 training steps of batch 50"
+    assert len(warned) == (est["update_s"] > est["epoch_s"])  # which way depends on the measured times
+
+
+def test_warns_exactly_when_an_update_outweighs_its_epochs():
+    base = {"train_step_s": 0.1, "steps_per_epoch": 100, "epoch_s": 10.0, "coreset_step_s": 0.5,
+            "coreset_every": 10, "samples": 500, "components": 500}
+    assert not log_estimate({**base, "coreset_steps": 200, "update_s": 100.0})  # 100 s against 10 epochs of 10 s
+    assert log_estimate({**base, "coreset_steps": 202, "update_s": 101.0})
+    no_epoch = {k: v for k, v in base.items() if k not in ("train_step_s", "epoch_s")}
+    assert not log_estimate({**no_epoch, "coreset_steps": 10**6, "update_s": 5e5})  # epoch not measured
 
 
 def test_measuring_changes_nothing(tmp_path, fmnist_root):
