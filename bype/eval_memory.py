@@ -120,19 +120,26 @@ def encode_rows(model, data_dim: int) -> int:
 
 @contextlib.contextmanager
 def chunked_encoder(model, rows: int):
-    """Within the block, model.encode_flat runs `rows` rows at a time (no autograd: evaluation only).
+    """Within the block, model.encode_flat runs `rows` rows at a time (no autograd: evaluation only), and
+    encodes a tensor the model holds (ByPE's pseudodata U) once.
 
-    The mixture priors encode all their components (ByPE's M pseudodata, VampPrior's K pseudo-inputs)
-    in one call; at 218x178x3 that alone can take gigabytes. The encoder is row-wise, so the
-    concatenated chunks equal the one call.
+    The mixture priors encode all their components in every log_prob call; at 218x178x3 that alone can
+    take gigabytes and most of the time. The encoder is row-wise, so the concatenated chunks equal the one
+    call; the model is frozen during evaluation, so a held tensor's encoding stays valid while its version
+    (in-place writes) is unchanged.
     """
     whole, own = model.encode_flat, "encode_flat" in vars(model)
+    held = {id(t): t for t in [*model.buffers(), *model.parameters()]}
+    memo: dict[int, tuple[int, tuple]] = {}
 
     def encode_flat(x):
-        if x.shape[0] <= rows:
-            return whole(x)
-        parts = [whole(c) for c in x.split(rows)]
-        return tuple(torch.cat(p) for p in zip(*parts))
+        key = id(x) if held.get(id(x)) is x else None
+        if key is not None and key in memo and memo[key][0] == x._version:
+            return memo[key][1]
+        out = whole(x) if x.shape[0] <= rows else tuple(torch.cat(p) for p in zip(*[whole(c) for c in x.split(rows)]))
+        if key is not None:
+            memo[key] = (x._version, out)
+        return out
 
     model.encode_flat = encode_flat
     try:
