@@ -72,7 +72,8 @@ def test_chunking_changes_memory_not_results(tmp_path, fmnist_root):
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
     v1, v2 = validation_loss(model, test), validation_loss(model, test, batch_size=5)
-    assert v1 == pytest.approx(v2, rel=1e-6)
+    # kl is a small difference of terms as large as the loss: rounding scales with the loss, not with kl
+    assert v1 == pytest.approx(v2, abs=1e-6 * abs(v1["loss"]))
 
 
 def _release_free_heap() -> None:

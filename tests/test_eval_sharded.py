@@ -46,8 +46,8 @@ def test_two_ranks_evaluate_like_one_process(tmp_path, fmnist_root):
 
     # The same initial model, the same keyed noise: only float32 rounding of different batch shapes
     # differs, relative ~1e-7 per example over ~100 examples of ~500 nats.
-    for k in val:
-        assert got["val"][k] == pytest.approx(val[k], rel=1e-6), k
+    for k in val:  # kl is a small difference of terms as large as the loss: tolerance scaled by the loss
+        assert got["val"][k] == pytest.approx(val[k], abs=1e-6 * abs(val["loss"])), k
     for k in ("test_nll", "test_elbo"):
         assert got["report"][k] == pytest.approx(report[k], rel=1e-6), k
     for k in KS:  # the same means up to rounding: the same neighbours
