@@ -95,7 +95,7 @@ def test_one_evaluation_of_celeba_sized_photos_stays_within_the_budget(tmp_path)
     model.prior.init_from_data(photos[4:].reshape(8, -1).float() / 255, 100)
     test, reference = Split(photos[:1], torch.zeros(1, dtype=torch.long)), Split(photos, torch.zeros(12, dtype=torch.long))
     model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    n_samples = 200  # unchunked: 200 rows x ~116k pixels and a dozen [rows, D] temporaries, over 1 GB
+    n_samples = 100  # unchunked: 100 rows x ~116k pixels and a dozen [rows, D] temporaries, over 500 MB
 
     eval_memory.configure(budget_mb)
     try:
