@@ -79,6 +79,7 @@ def _print_report(report: dict, run_dir: str) -> None:
 
 
 def _cmd_eval(args) -> int:
+    from bype import eval_memory
     from bype.evaluate import evaluate
     from bype.metrics import setup_logging
     from bype.trainer import load_trained
@@ -86,6 +87,7 @@ def _cmd_eval(args) -> int:
     _positive_options(args, ("samples", "batch", "limit"))  # --limit 0 would evaluate nothing
     setup_logging()
     cfg, data, model = load_trained(args.run_dir, args.checkpoint)
+    eval_memory.configure(args.memory_mb or cfg.eval.memory_mb)
     report = evaluate(model, data.test, data.train_split(), args.samples, args.batch,
                       [] if args.no_knn else cfg.eval.knn_k, limit=args.limit)
     out = os.path.join(args.run_dir, f"eval_S{args.samples}.json")
@@ -127,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         if name == "eval":
             p.add_argument("--samples", type=int, default=5000, help="importance samples per example")
-            p.add_argument("--batch", type=int, default=50000, help="examples x samples evaluated at once")
+            p.add_argument("--batch", type=int, default=50000,
+                           help="at most this many examples x samples at once (the memory budget decides below it)")
+            p.add_argument("--memory-mb", type=float, default=None,
+                           help="memory budget of the evaluation's chunks (default: the run's eval.memory_mb)")
             p.add_argument("--limit", type=int, default=None, help="evaluate the first N test examples")
             p.add_argument("--no-knn", action="store_true", help="skip the kNN accuracy")
         else:

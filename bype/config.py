@@ -94,12 +94,14 @@ class TrainConfig:
     compile: Optional[bool] = None
     compile_mode: str = "auto"  # auto (reduce-overhead = CUDA graphs on CUDA, default elsewhere) | a torch mode
     sync_debug: bool = False  # count host synchronisations between log lines and log them
+    cost_estimate: bool = True  # time a training step and a coreset step at start-up; log epoch / update cost
 
 
 @dataclass
 class EvalConfig:
     is_samples: int = 500  # importance samples per test example (paper: 5000; `bype eval` default 5000)
-    is_batch: int = 50000  # examples x samples evaluated at once (bounds memory)
+    memory_mb: float = 2048  # memory budget of evaluation's chunks (bype/eval_memory.py), beside the model
+    is_batch: int = 50000  # upper bound on examples x samples in one chunk; the memory budget decides below it
     knn_k: list = field(default_factory=lambda: [3, 5, 7, 9, 11, 13, 15])
     n_samples_grid: int = 100  # images in samples.png
     at_end: bool = True  # run the test evaluation after training
@@ -304,7 +306,7 @@ def validate(cfg: Config) -> None:
 
     for key in ("train.epochs", "train.batch_size", "train.lr", "model.latent_dim", "model.hidden",
                 "prior.components", "coreset.every", "coreset.batch_size", "coreset.lr", "coreset.lr_u",
-                "eval.is_samples", "eval.is_batch", "train.log_every", "model.gaussian_std",
+                "eval.is_samples", "eval.is_batch", "eval.memory_mb", "train.log_every", "model.gaussian_std",
                 "data.stream.shuffle_buffer"):
         positive(key)
     for key in ("train.warmup_epochs", "train.patience", "data.num_workers", "prior.exemplar.subset",

@@ -1,111 +1,197 @@
-"""Evaluation: importance-sampled test NLL, ELBO, bits/dim, kNN accuracy on encoder means."""
+"""Evaluation: importance-sampled test NLL, ELBO, bits/dim, kNN accuracy on encoder means.
+
+Memory: every evaluation runs in chunks whose size `bype.eval_memory` measures against the budget
+`eval.memory_mb` (the data dimension and the architecture decide the bytes per row); `eval.is_batch`
+(`bype eval --batch`) only caps the examples x samples of one chunk. Inputs are read from the uint8
+split chunk by chunk, never materialised whole as floats.
+
+Noise: the fixed binarisation of Bernoulli data and the importance samples are keyed by example and
+sample index (`bype.eval_noise`), so results do not depend on the chunking or on the number of ranks.
+
+Sharding: with a DistContext of W ranks each rank evaluates a contiguous slice of the examples; per-example
+results are all-gathered in order and sums all-reduced in float64, so every rank ends with the numbers one
+process computes (rank 0 reports them).
+"""
 from __future__ import annotations
 
 import math
 import time
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from bype.data.memory import Split, iterate_eval
+from bype.data.memory import Split
+from bype.eval_memory import chunked_encoder, encode_rows, rows_within
+from bype.eval_noise import IndexNoise
+from bype.eval_shards import gather_rows, shard_range, sum_over_ranks
 
-EVAL_SEED = 20211206  # fixed binarisation of validation / test data: the same inputs every evaluation
+EVAL_SEED = 20211206  # the fixed binarisation and importance samples: the same inputs every evaluation
+VAL, TEST, REFERENCE = 1, 2, 3  # noise streams: one split's binarisation is not another's
+Inputs = Union[Split, torch.Tensor]  # a uint8 split, or model inputs already flattened and binarised
 
 
-def _eval_batches(model, split: Split, batch_size: int):
-    """Flattened model inputs of a split, batch by batch; Bernoulli data binarised with a fixed seed,
-    so every evaluation (NLL, validation, kNN) sees the same inputs."""
-    g = torch.Generator().manual_seed(EVAL_SEED)
-    dev = next(model.parameters()).device
-    for x, _ in iterate_eval(split, batch_size):
-        yield model.preprocess(x, generator=g).to(dev)
+def _world(ctx) -> tuple[int, int]:
+    return (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def chunk_inputs(model, data: Inputs, start: int, stop: int, stream: int) -> torch.Tensor:
+    """Flattened model inputs of examples [start, stop); Bernoulli data binarised by example index."""
+    if isinstance(data, torch.Tensor):
+        return data[start:stop].to(_device(model))
+    x = data.x[start:stop].to(_device(model)).float().div_(255.0)
+    if model.likelihood.name != "bernoulli":
+        return model.preprocess(x)
+    model.noise = IndexNoise(EVAL_SEED, stream, torch.arange(start, stop))
+    try:
+        return model.preprocess(x)
+    finally:
+        model.noise = None
+
+
+def _count(data: Inputs) -> int:
+    return data.shape[0] if isinstance(data, torch.Tensor) else len(data)
 
 
 @torch.no_grad()
-def model_inputs(model, split: Split, batch_size: int = 1000) -> torch.Tensor:
-    """Flattened model inputs of a whole split (see _eval_batches)."""
-    return torch.cat(list(_eval_batches(model, split, batch_size)))
+def model_inputs(model, split: Split, batch_size: int = 1000, stream: int = TEST) -> torch.Tensor:
+    """Flattened model inputs of a whole split (small data sets only: evaluation itself reads chunks)."""
+    return torch.cat([chunk_inputs(model, split, a, min(a + batch_size, len(split)), stream)
+                      for a in range(0, len(split), batch_size)])
+
+
+def _encoder_chunk(model) -> int:
+    return encode_rows(model, model.data_dim)
 
 
 @torch.no_grad()
-def validation_loss(model, x: torch.Tensor, batch_size: int = 1000, seed: int = EVAL_SEED) -> dict:
-    """Negative ELBO (beta = 1) averaged over `x`, with fixed reparameterisation noise."""
+def validation_loss(model, data: Inputs, batch_size: Optional[int] = None, seed: int = EVAL_SEED,
+                    ctx=None) -> dict:
+    """Negative ELBO (beta = 1) averaged over `data`, with noise keyed by example index (fixed).
+
+    `batch_size` None: chunks sized by the memory budget. Sharded over the ranks of `ctx`."""
     was_training = model.training
     model.eval()
-    fork = torch.random.fork_rng(devices=[])
-    with fork:
-        torch.manual_seed(seed)
-        tot = {"loss": 0.0, "rec": 0.0, "kl": 0.0}
-        for xb in x.split(batch_size):
-            loss, stats = model.loss(xb, None, 1.0)
-            tot["loss"] += loss.item() * xb.shape[0]
-            tot["rec"] += stats["rec"].item() * xb.shape[0]
-            tot["kl"] += stats["kl"].item() * xb.shape[0]
-    model.train(was_training)
-    return {k: v / x.shape[0] for k, v in tot.items()}
+    rank, world = _world(ctx)
+    n = _count(data)
+    lo, hi = shard_range(n, rank, world)
+    try:
+        with chunked_encoder(model, _encoder_chunk(model)):
+            probe = chunk_inputs(model, data, 0, 1, VAL)
+            rows = batch_size or rows_within(lambda k: model.loss(probe.repeat(k, 1), None, 1.0),
+                                             _device(model), "validation")
+            tot = [0.0, 0.0, 0.0]
+            for a in range(lo, hi, rows):
+                b = min(a + rows, hi)
+                x = chunk_inputs(model, data, a, b, VAL)
+                model.noise = IndexNoise(seed, VAL, torch.arange(a, b))
+                loss, stats = model.loss(x, None, 1.0)
+                model.noise = None
+                for i, v in enumerate((loss, stats["rec"], stats["kl"])):
+                    tot[i] += v.item() * (b - a)
+    finally:
+        model.noise = None
+        model.train(was_training)
+    tot = sum_over_ranks(tot, world, _device(model))
+    return {k: v / n for k, v in zip(("loss", "rec", "kl"), tot)}
 
 
 @torch.no_grad()
-def importance_sampled_ll(model, x: torch.Tensor, n_samples: int, max_rows: int = 50000,
-                          progress=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example IS estimate log (1/S) sum_s w_s and the ELBO estimate mean_s log w_s.
+def importance_sampled_ll(model, data: Inputs, n_samples: int, max_rows: Optional[int] = None,
+                          progress=None, stream: int = TEST, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example IS estimate log (1/S) sum_s w_s and the ELBO estimate mean_s log w_s (all examples,
+    on every rank; each rank computes its slice).
 
-    At most `max_rows` (examples x samples) are evaluated at once, so memory stays bounded for S = 5000.
+    A chunk holds as many (example x sample) rows as the memory budget allows, at most `max_rows`; when
+    fewer than S fit, an example's samples are split over several chunks.
     """
     model.eval()
-    per_chunk = max(1, max_rows // n_samples)
-    s_chunk = min(n_samples, max_rows)
+    rank, world = _world(ctx)
+    n = _count(data)
+    lo, hi = shard_range(n, rank, world)
     ll, elbo = [], []
-    for xb in x.split(per_chunk):
-        pieces = []
-        done = 0
-        while done < n_samples:
-            s = min(s_chunk, n_samples - done)
-            pieces.append(model.log_weights_is(xb, s).double())
-            done += s
-        lw = torch.cat(pieces, 1)
-        ll.append(torch.logsumexp(lw, 1) - math.log(n_samples))
-        elbo.append(lw.mean(1))
-        if progress is not None:
-            progress(xb.shape[0])
-    return torch.cat(ll), torch.cat(elbo)
+    with chunked_encoder(model, _encoder_chunk(model)):
+        probe = chunk_inputs(model, data, 0, 1, stream)
+        rows = rows_within(lambda k: model.log_weights_is(probe, k), _device(model), "importance sampling",
+                           cap=max_rows)
+        per_chunk, s_chunk = max(1, rows // n_samples), min(n_samples, rows)
+        for a in range(lo, hi, per_chunk):
+            b = min(a + per_chunk, hi)
+            x = chunk_inputs(model, data, a, b, stream)
+            pieces = []
+            for s0 in range(0, n_samples, s_chunk):
+                s1 = min(s0 + s_chunk, n_samples)
+                model.noise = IndexNoise(EVAL_SEED, stream, torch.arange(a, b), s0, s1)
+                try:
+                    pieces.append(model.log_weights_is(x, s1 - s0).double())
+                finally:
+                    model.noise = None
+            lw = torch.cat(pieces, 1)
+            ll.append(torch.logsumexp(lw, 1) - math.log(n_samples))
+            elbo.append(lw.mean(1))
+            if progress is not None:
+                progress(b - a)
+    empty = torch.zeros(0, dtype=torch.float64, device=_device(model))
+    ll, elbo = (torch.cat(v) if v else empty for v in (ll, elbo))
+    return gather_rows(ll, n, world), gather_rows(elbo, n, world)
 
 
 @torch.no_grad()
-def encoder_means(model, split: Split, batch_size: int = 1000) -> torch.Tensor:
-    return torch.cat([model.encode_flat(x)[0].cpu() for x in _eval_batches(model, split, batch_size)])
+def encoder_means(model, split: Split, stream: int = REFERENCE, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+    """Encoder means of examples [lo, hi) of a split, on the CPU, in chunks sized by the budget."""
+    hi = len(split) if hi is None else hi
+    rows = _encoder_chunk(model)
+    out = [model.encode_flat(chunk_inputs(model, split, a, min(a + rows, hi), stream))[0].cpu()
+           for a in range(lo, hi, rows)]
+    return torch.cat(out) if out else torch.zeros(0, model.latent_dim)
 
 
-def knn_accuracy(model, train: Split, test: Split, ks: list[int]) -> dict[str, float]:
-    """kNN classification (Euclidean) on encoder means: train(+val) as the reference set, test queried."""
+def knn_accuracy(model, train: Split, test: Split, ks: list[int], ctx=None) -> dict[str, float]:
+    """kNN classification (Euclidean) on encoder means: train(+val) as the reference set, test queried.
+
+    Sharded: the reference means are encoded by slices and all-gathered; each rank classifies its slice of
+    the test set and the correct counts are summed."""
     from sklearn.neighbors import KNeighborsClassifier
 
-    ref, query = encoder_means(model, train).numpy(), encoder_means(model, test).numpy()
-    out = {}
+    rank, world = _world(ctx)
+    model.eval()
+    ref = gather_rows(encoder_means(model, train, REFERENCE, *shard_range(len(train), rank, world)),
+                      len(train), world).numpy()
+    lo, hi = shard_range(len(test), rank, world)
+    query = encoder_means(model, test, TEST, lo, hi).numpy()
+    correct = []
     for k in ks:
         clf = KNeighborsClassifier(n_neighbors=k, algorithm="brute").fit(ref, train.y.numpy())
-        out[f"knn_{k}"] = float((clf.predict(query) == test.y.numpy()).mean())
-    return out
+        correct.append(float((clf.predict(query) == test.y[lo:hi].numpy()).sum()) if hi > lo else 0.0)
+    totals = sum_over_ranks(correct, world, _device(model))
+    return {f"knn_{k}": c / len(test) for k, c in zip(ks, totals)}
 
 
-def evaluate(model, test: Split, reference: Split, n_samples: int, max_rows: int, knn_k: list[int],
-             limit: Optional[int] = None, log=print) -> dict:
-    """The report of a trained model: test NLL (nats, and bits/dim for 8-bit data), ELBO, kNN."""
+def evaluate(model, test: Split, reference: Split, n_samples: int, max_rows: Optional[int], knn_k: list[int],
+             limit: Optional[int] = None, log=print, ctx=None) -> dict:
+    """The report of a trained model: test NLL (nats, and bits/dim for 8-bit data), ELBO, kNN.
+
+    Every rank of `ctx` must call it; each evaluates its slice and all return the same report."""
     test = test.head(limit)
+    n = len(test)
+    if n == 0:
+        raise ValueError("evaluation: no test examples (--limit / data.eval_limit must be > 0)")
+    rank, world = _world(ctx)
     t0 = time.time()
-    x = model_inputs(model, test)
-    n, seen = x.shape[0], [0]
+    mine = shard_range(n, rank, world)
+    n_mine, seen = mine[1] - mine[0], [0]
 
     def progress(k):
         seen[0] += k
         rate = seen[0] / max(time.time() - t0, 1e-9)
-        if seen[0] == n or seen[0] % max(1, n // 10) < k:
-            log(f"eval: {seen[0]}/{n} examples, {rate:.1f} ex/s, ETA {(n - seen[0]) / rate:.0f}s")
+        if rank == 0 and (seen[0] == n_mine or seen[0] % max(1, n_mine // 10) < k):
+            log(f"eval: {seen[0]}/{n_mine} examples" + (f" (rank 0 of {world}, {n} in all)" if world > 1 else "")
+                + f", {rate:.1f} ex/s, ETA {(n_mine - seen[0]) / rate:.0f}s")
 
-    fork = torch.random.fork_rng(devices=[])
-    with fork:
-        torch.manual_seed(EVAL_SEED)
-        ll, elbo = importance_sampled_ll(model, x, n_samples, max_rows, progress)
+    ll, elbo = importance_sampled_ll(model, test, n_samples, max_rows, progress, TEST, ctx)
     report = {
         "test_nll": float(-ll.mean()),
         "test_elbo": float(elbo.mean()),
@@ -116,5 +202,5 @@ def evaluate(model, test: Split, reference: Split, n_samples: int, max_rows: int
     if model.likelihood.name != "bernoulli":
         report["bits_per_dim"] = report["test_nll"] / (model.data_dim * math.log(2))
     if knn_k:
-        report.update(knn_accuracy(model, reference, test, knn_k))
+        report.update(knn_accuracy(model, reference, test, knn_k, ctx))
     return report

@@ -23,7 +23,9 @@ from bype.config import Config, config_from_dict, to_dict
 from bype.data import DataBundle, load_data
 from bype.dist import DistContext, all_reduce_sum, barrier, broadcast, check_replicated, init_distributed
 from bype.engines import build_engine
-from bype.evaluate import evaluate, model_inputs, validation_loss
+from bype import eval_memory
+from bype.cost import estimate_costs
+from bype.evaluate import evaluate, validation_loss
 from bype.metrics import MetricsWriter, Progress, read_metrics, setup_logging
 from bype.models import build_model
 from bype.models.noise import RowNoise
@@ -74,6 +76,7 @@ class Trainer:
         check_start(cfg, resume)  # run directory and data sizes, one line each; nothing is written before begin()
         self.rundir = RunDirectory(self.run_dir, self.ctx.is_main)
         seed_everything(cfg.seed)  # the same seed on every rank: identical initialisation everywhere
+        eval_memory.configure(cfg.eval.memory_mb)
 
         self.data: DataBundle = load_data(cfg, self.ctx.rank, self.ctx.world_size)
         bank = self.data.train_split().x.flatten(1) if cfg.prior.kind == "exemplar" else None
@@ -99,6 +102,7 @@ class Trainer:
         log.info("run %s: %s prior, %s arch, N=%d, %d steps/epoch, %d rank(s) on %s, kernels impl=%s",
                  self.run_dir, cfg.prior.kind, cfg.model.arch, self.data.n_train, len(self.data.train_loader),
                  self.ctx.world_size, self.ctx.device, self._kernel_impl())
+        self.cost = estimate_costs(self) if cfg.train.cost_estimate else None  # predicted epoch / update times
 
     # --- set-up -------------------------------------------------------------------------------
     def _build_coreset(self):
@@ -228,7 +232,6 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
-        x_val = model_inputs(self.model, self.data.val)
         budget = cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
         while self.epoch < cfg.train.epochs and not self.stopped_early and self.train_seconds < budget:
             epoch = self.epoch + 1
@@ -239,7 +242,7 @@ class Trainer:
                 check_replicated(self._replicated(), f"coreset after the update of epoch {epoch}")
             elif self.model.prior.kind == "exemplar":
                 check_replicated(self._replicated(), f"exemplar-subset RNG after epoch {epoch}")
-            val = validation_loss(self.model, x_val)
+            val = validation_loss(self.model, self.data.val, ctx=self.ctx)  # sharded over the ranks
             record.update({f"val_{k}": v for k, v in val.items()})
             # Rank 0's clock for everyone: a time budget must stop all ranks after the same epoch.
             seconds = broadcast(torch.tensor(time.time() - t0, dtype=torch.float64, device=self.ctx.device)).item()
@@ -273,19 +276,19 @@ class Trainer:
     def finalize(self, summary: dict) -> Optional[dict]:
         """Evaluate the best model on the test set and write report.json and the pictures (rank 0)."""
         cfg = self.cfg
-        if not self.ctx.is_main:
-            barrier()
-            return None
         best = os.path.join(self.run_dir, "best.pt")
         if os.path.exists(best):
             self.model.load_state_dict(checkpoint.load(best, self.ctx.device)["model"])
         report = dict(summary, name=cfg.name, prior=cfg.prior.kind, arch=cfg.model.arch,
                       dataset=cfg.data.dataset, n_train=self.data.n_train, world_size=self.ctx.world_size)
-        if cfg.eval.at_end:
+        if cfg.eval.at_end:  # every rank evaluates its slice of the test set
             log.info("evaluating the best model (epoch %d) on %d test examples, S=%d", self.best_epoch,
                      len(self.data.test), cfg.eval.is_samples)
             report.update(evaluate(self.model, self.data.test, self.data.train_split(), cfg.eval.is_samples,
-                                   cfg.eval.is_batch, cfg.eval.knn_k, log=log.info))
+                                   cfg.eval.is_batch, cfg.eval.knn_k, log=log.info, ctx=self.ctx))
+        if not self.ctx.is_main:
+            barrier()
+            return None
         report.update(write_pictures(self.model, self.run_dir, cfg.eval.n_samples_grid, cfg.seed))
         write_text_atomic(os.path.join(self.run_dir, "report.json"), json.dumps(report, indent=2))
         self.metrics.close()

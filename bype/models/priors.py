@@ -155,8 +155,11 @@ class ExemplarPrior(Prior):
         return self.bank[pick].float() / 255.0
 
     @torch.no_grad()
-    def _all_means(self, model, chunk: int = 4096, bank: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _all_means(self, model, bank: Optional[torch.Tensor] = None) -> torch.Tensor:
+        from bype.eval_memory import encode_rows
+
         bank = self.bank if bank is None else bank
+        chunk = encode_rows(model, bank.shape[1])  # rows per chunk from the memory budget (eval.memory_mb)
         return torch.cat([model.encode_flat(b.float() / 255.0)[0] for b in bank.split(chunk)])
 
     def on_epoch_start(self, model):
