@@ -68,7 +68,7 @@ class BatchShuffler:
             for a in arrays:
                 a[:n - count] = a[count:n]
         else:
-            pick = self.rng.choice(n, count, replace=False)
+            pick = _distinct(self.rng, n, count)
             out = tuple(a[pick] for a in arrays)
             # Fill the holes below the new end with the unpicked samples above it.
             tail = np.ones(count, bool)
@@ -93,6 +93,20 @@ class BatchShuffler:
             ready.append(self._take(self.batch_size))
         rest = self._take(self.n) if self.n else None
         return ready, rest
+
+
+def _distinct(rng: np.random.Generator, n: int, count: int) -> np.ndarray:
+    """`count` distinct positions out of `n`, uniformly at random, in random order.
+
+    `Generator.choice(replace=False)` permutes all `n` (O(n) per batch); with n well above count,
+    drawing with replacement and keeping first occurrences costs O(count log count)."""
+    if n < 4 * count:
+        return rng.permutation(n)[:count]
+    while True:
+        draw = rng.integers(0, n, count + count // 4 + 8)
+        _, first = np.unique(draw, return_index=True)
+        if len(first) >= count:
+            return draw[np.sort(first)][:count]
 
 
 def concat(chunks: list[tuple]) -> tuple:
