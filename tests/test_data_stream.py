@@ -299,3 +299,19 @@ def test_rank_and_world_size_from_torch_distributed(shards, monkeypatch):
     other = torch.cat([b[2] for b in ShardStream(shards, batch_size=B, mode="exact", num_workers=0, rank=0).epoch(0)])
     real = lambda i: set(i[~is_padding(i)].tolist())  # noqa: E731
     assert real(mine).isdisjoint(real(other)) and real(mine) | real(other) == set(range(N))
+
+
+def test_first_batch_needs_no_more_than_the_buffer(shards, monkeypatch):
+    """Resample mode never ends: the first batch must come after about `shuffle_buffer` samples, whatever
+    the layout (one-sample records are not held back in a window of their own)."""
+    import bype.data.stream as stream_module
+
+    decoded = []
+    real = stream_module.decode_sample
+    monkeypatch.setattr(stream_module, "decode_sample", lambda *a: decoded.append(1) or real(*a))
+    s = ShardStream(shards, batch_size=B, num_workers=0, shuffle_buffer=40, samples_per_epoch=B)
+    assert len(list(s.epoch(0))) == 1
+    if layout_of(shards) == "samples":
+        # The buffer, two batches (a batch is held until the next exists, so reports travel with it) and
+        # one group of 32 decoded images.
+        assert 40 + B <= len(decoded) <= 40 + 2 * B + 32

@@ -353,7 +353,8 @@ class _Reader(torch.utils.data.IterableDataset):
             self._take_events()
 
     def _shuffled(self, chunks, rng) -> tuple[Iterator[tuple], BatchShuffler]:
-        window = self.buffer // max(1, self.block_size or 1) if self.buffer > 1 else 0
+        # Whole blocks are shuffled as units first; decoded single samples go straight to the sample buffer.
+        window = self.buffer // self.block_size if self.buffer > 1 and self.block_size else 0
         return shuffle_chunks(chunks, window, rng), BatchShuffler(self.batch_size, self.buffer, rng)
 
     def _resample_batches(self, epoch: int, worker: int, rng):
@@ -492,7 +493,7 @@ class ShardStream:
         self.block_size = self.manifest.get("block_size") if self.layout == "blocks" else None
         # Batches per worker -> main process transfer: fewer, larger messages (about 1 MB of images).
         sample_bytes = int(np.prod(self.shape)) if self.shape else 784
-        self.group = max(1, min(16, (1 << 20) // max(1, batch_size * sample_bytes)))
+        self.group = max(1, min(16, (1 << 20) // max(1, batch_size * sample_bytes))) if num_workers else 1
         known = None if any(c is None for c in self.counts) else sum(self.counts)
         if mode == "exact":
             if known is None:
