@@ -45,8 +45,8 @@ def device_batches(loader, epoch: int, device) -> Iterator[tuple[torch.Tensor, t
     raw = getattr(loader, "raw_epoch", None)
     for x, y, idx in (raw(epoch) if raw is not None else loader.epoch(epoch)):
         x = x.to(device, non_blocking=True)
-        if x.dtype == torch.uint8:
-            x = x.to(torch.float32).div_(255.0)
+        if x.dtype == torch.uint8:  # one pass: uint8 in, float32 out
+            x = torch.div(x, 255.0, out=torch.empty(x.shape, dtype=torch.float32, device=x.device))
         yield x, y.to(device, non_blocking=True), idx.to(device, non_blocking=True)
 
 
