@@ -38,13 +38,14 @@ class BatchShuffler:
 
     `push(chunk)` returns the batches that became ready; `drain()` returns the remaining full batches
     and the leftover (fewer than `batch_size` samples, in random order). With `buffer <= 1` the samples
-    keep their arrival order.
+    keep their arrival order. The buffer ramps up from a fifth of its size (see `_fill`).
     """
 
     def __init__(self, batch_size: int, buffer: int, rng: np.random.Generator):
         self.batch_size, self.buffer, self.rng = batch_size, max(0, buffer), rng
         self.arrays: list[np.ndarray] | None = None
         self.n = 0
+        self.emitted = 0
 
     def _append(self, chunk: tuple) -> None:
         k = len(chunk[0])
@@ -83,9 +84,18 @@ class BatchShuffler:
     def push(self, chunk: tuple) -> list[tuple]:
         self._append(chunk)
         ready = []
-        while self.n >= max(self.buffer, 1) + self.batch_size - (1 if self.buffer <= 1 else 0):
+        while self.n >= self._fill() + self.batch_size:
             ready.append(self._take(self.batch_size))
+            self.emitted += self.batch_size
         return ready
+
+    def _fill(self) -> int:
+        """Samples to keep in the buffer: a fifth of it for the first batch, then as many more as have
+        been emitted, up to all of it (webdataset's `initial`): an epoch's first batch comes after about
+        a fifth of the buffer, not all of it, while intake outpaces output until the buffer is full."""
+        if self.buffer <= 1:
+            return 0
+        return min(self.buffer, self.buffer // 5 + self.emitted)
 
     def drain(self) -> tuple[list[tuple], tuple | None]:
         ready = []

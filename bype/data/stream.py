@@ -353,8 +353,9 @@ class _Reader(torch.utils.data.IterableDataset):
             self._take_events()
 
     def _shuffled(self, chunks, rng) -> tuple[Iterator[tuple], BatchShuffler]:
-        # Whole blocks are shuffled as units first; decoded single samples go straight to the sample buffer.
-        window = self.buffer // self.block_size if self.buffer > 1 and self.block_size else 0
+        # Whole blocks are shuffled as units first (a window of a quarter of the buffer's samples: it
+        # fills before the first batch); decoded single samples go straight to the sample buffer.
+        window = self.buffer // (4 * self.block_size) if self.buffer > 1 and self.block_size else 0
         return shuffle_chunks(chunks, window, rng), BatchShuffler(self.batch_size, self.buffer, rng)
 
     def _resample_batches(self, epoch: int, worker: int, rng):
