@@ -7,6 +7,7 @@
   bype eval RUN_DIR [--samples S]                     importance-sampled test NLL, ELBO, kNN
   bype sample RUN_DIR [--n N]                         Algorithm 1 samples as an image grid
   bype data prepare DATASET --src PATH --out DIR      write webdataset shards
+  bype data repack SRC --out DIR                      one-sample-per-record shards -> block shards
   bype bench NAME [...]                               benchmarks (kernels, coreset, data, scaling, speed)
 """
 from __future__ import annotations
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     for group, package, help_ in (("data", "bype.data", "data preparation"), ("bench", "bype.bench", "benchmarks")):
         p = sub.add_parser(group, help=help_)
         verbs = p.add_subparsers(dest="verb", required=True)
-        names = ["prepare"] if group == "data" else _subcommand_modules(package)
+        names = ["prepare", "repack"] if group == "data" else _subcommand_modules(package)
         for verb in names:
             try:
                 module = importlib.import_module(f"{package}.{verb}")

@@ -27,6 +27,7 @@ class StreamConfig:
     samples_per_epoch: Optional[int] = None  # resample mode; default = the split's size
     shuffle_buffer: int = 5000
     on_error: str = "skip"  # skip | raise
+    verify: bool = True  # check the shards' sha256 at start-up; false: train on, skipping unreadable data
 
 
 @dataclass

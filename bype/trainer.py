@@ -20,7 +20,7 @@ import yaml
 
 from bype import checkpoint
 from bype.config import Config, config_from_dict, to_dict
-from bype.data import DataBundle, load_data
+from bype.data import DataBundle, device_batches, load_data
 from bype.dist import DistContext, all_reduce_sum, barrier, broadcast, check_replicated, init_distributed
 from bype.engines import build_engine
 from bype import eval_memory
@@ -190,10 +190,10 @@ class Trainer:
         n = 0
         profiler = self._profiler() if cfg.train.profile and epoch == self.epoch + 1 else None
         t0 = time.time()
-        for i, (x, _, idx) in enumerate(loader.epoch(epoch)):
+        for i, (x, _, idx) in enumerate(device_batches(loader, epoch, self.ctx.device)):
             model.noise = RowNoise(cfg.seed, epoch, i, self.ctx.rank, self.ctx.world_size)
-            x = model.preprocess(x.to(self.ctx.device, non_blocking=True))
-            loss, stats = self.engine(x, idx.to(self.ctx.device, non_blocking=True), beta)
+            x = model.preprocess(x)
+            loss, stats = self.engine(x, idx, beta)
             self.engine.backward(loss)
             self.engine.step()
             model.noise = None

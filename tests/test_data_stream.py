@@ -1,7 +1,9 @@
-"""ShardStream: equal steps per rank, exact-once epochs, seeded order, shard specs, corrupt data."""
+"""ShardStream: equal steps per rank, exact-once epochs, seeded order, shard specs, corrupt data; both record
+layouts (blocks of samples, one sample per record)."""
 import functools
 import http.server
 import io
+import json
 import logging
 import math
 import os
@@ -15,9 +17,10 @@ import pytest
 import torch
 
 from bype.data import prepare as prep
-from bype.data.stream import ShardStream, exact_plan, is_padding, load_split_in_memory, true_index
+from bype.data.stream import ShardError, ShardStream, exact_plan, is_padding, load_split_in_memory, true_index
 
 N, SHARD, B = 250, 100, 16  # three shards of uneven size: 100, 100, 50
+BLOCK = 24  # blocks straddle batch and reader boundaries; each shard ends in a short block
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +31,19 @@ def digits():
     return (d.images[:N] * 255 / 16).round().astype(np.uint8), d.target[:N].astype(np.int64)
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, digits):
+@pytest.fixture(scope="module", params=["blocks", "samples"])
+def shards(tmp_path_factory, digits, request):
     root = tmp_path_factory.mktemp("digits")
     np.savez(root / "d.npz", x_train=digits[0], y_train=digits[1])
     out = str(root / "shards")
-    prep.prepare("npz", str(root / "d.npz"), out, shard_size=SHARD, progress=False)
+    prep.prepare("npz", str(root / "d.npz"), out, shard_size=SHARD, layout=request.param, block_size=BLOCK,
+                 progress=False)
     return out
+
+
+def layout_of(shards):
+    with open(os.path.join(shards, "manifest.json")) as f:
+        return json.load(f)["layout"]
 
 
 def copy_shards(shards, tmp_path):
@@ -177,16 +186,27 @@ def test_http_spec(shards):
 
 # --- corrupt data --------------------------------------------------------------------------------------------
 
-def break_image(path, key):
-    """Rewrite a shard with the PNG of sample `key` replaced by garbage."""
+def break_record(path, index):
+    """Rewrite a shard with the record holding sample `index` damaged (its PNG, or its block's images);
+    returns the record's key and the sample indices it held."""
     with tarfile.open(path) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    blocks = any(m.name.endswith(".x.npy") for m, _ in members)
+    first = max(int(m.name.split(".")[0]) for m, _ in members if int(m.name.split(".")[0]) <= index) \
+        if blocks else index
+    key = f"{first:08d}"
+    lost = set()
     with tarfile.open(path, "w") as tar:
         for m, data in members:
-            if m.name == f"{key}.png":
-                data = b"\x89PNG\r\n\x1a\n" + b"garbage" * 10
+            if m.name in (f"{key}.png", f"{key}.x.npy"):
+                if blocks:
+                    lost = set(range(first, first + np.load(io.BytesIO(data)).shape[0]))
+                    data = data[:20] + b"garbage" * 10
+                else:
+                    lost, data = {index}, b"\x89PNG\r\n\x1a\n" + b"garbage" * 10
                 m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
+    return key, lost
 
 
 def truncate(path):
@@ -198,23 +218,25 @@ def truncate(path):
 @pytest.mark.parametrize("mode", ["exact", "resample"])
 def test_corrupt_sample_and_truncated_shard_are_skipped(shards, tmp_path, caplog, mode):
     d = copy_shards(shards, tmp_path)
-    break_image(os.path.join(d, "train-000000.tar"), "00000005")
+    key, lost = break_record(os.path.join(d, "train-000000.tar"), 5)
     truncate(os.path.join(d, "train-000001.tar"))
-    s = ShardStream(d, batch_size=B, mode=mode, num_workers=0, shuffle_buffer=32, samples_per_epoch=N)
+    kind = "block" if layout_of(shards) == "blocks" else "sample"
+    # Resample draws shards at random: a longer epoch draws every shard (the draws are seeded).
+    s = ShardStream(d, batch_size=B, mode=mode, num_workers=0, shuffle_buffer=32, samples_per_epoch=4 * N)
     with caplog.at_level(logging.WARNING, logger="bype.data"):
         batches = list(s.epoch(0))
-    assert len(batches) == len(s) == math.ceil(N / B)
-    assert s.errors["sample"] >= 1 and s.errors["shard"] >= 1
-    assert any("train-000000.tar" in r.message and "00000005" in r.message and r.name == "bype.data"
+    assert len(batches) == len(s) == math.ceil((N if mode == "exact" else 4 * N) / B)
+    assert s.errors[kind] >= 1 and s.errors["shard"] >= 1
+    assert any("train-000000.tar" in r.message and f"{kind} {key}" in r.message and r.name == "bype.data"
                for r in caplog.records)
     assert any("train-000001.tar" in r.message and "truncated" in r.message or "unreadable" in r.message
                for r in caplog.records if "train-000001.tar" in r.message)
     idx = torch.cat([b[2] for b in batches])
-    assert 5 not in true_index(idx).tolist()
+    assert not lost & set(true_index(idx).tolist())
     if mode == "exact":
-        assert s.errors == {"sample": 1, "shard": 1}
+        assert s.errors == {"block": 0, "sample": 0, "shard": 1, kind: 1}
         real = idx[~is_padding(idx)].tolist()
-        assert len(real) == len(set(real)) and set(range(SHARD)) - {5} <= set(real)
+        assert len(real) == len(set(real)) and set(range(SHARD)) - lost <= set(real)
 
 
 def test_worker_errors_reach_the_main_process(shards, tmp_path, caplog):
@@ -223,17 +245,19 @@ def test_worker_errors_reach_the_main_process(shards, tmp_path, caplog):
     s = ShardStream(d, batch_size=B, mode="exact", num_workers=2, shuffle_buffer=32)
     with caplog.at_level(logging.WARNING, logger="bype.data"):
         assert len(list(s.epoch(0))) == len(s)
-    assert s.errors["shard"] == 1 and any("train-000002.tar" in r.message for r in caplog.records)
+    # Cut inside a record's member or between records: a broken block or a truncated shard, reported once.
+    assert sum(s.errors.values()) == 1 and any("train-000002.tar" in r.message for r in caplog.records)
 
 
-@pytest.mark.parametrize("damage,workers", [("image", 0), ("truncate", 0), ("truncate", 2)])
+@pytest.mark.parametrize("damage,workers", [("record", 0), ("truncate", 0), ("truncate", 2)])
 def test_on_error_raise_names_the_shard(shards, tmp_path, damage, workers):
     d = copy_shards(shards, tmp_path)
     path = os.path.join(d, "train-000001.tar")
-    break_image(path, "00000150") if damage == "image" else truncate(path)
+    break_record(path, 150) if damage == "record" else truncate(path)
     s = ShardStream(d, batch_size=B, mode="exact", num_workers=workers, on_error="raise", shuffle_buffer=32)
-    with pytest.raises(RuntimeError, match="train-000001.tar"):
+    with pytest.raises(ShardError, match="train-000001.tar") as e:
         list(s.epoch(0))
+    assert isinstance(e.value, ValueError) and "\n" not in str(e.value)  # the command line prints one line
 
 
 def test_load_split_in_memory(shards, digits, tmp_path):
@@ -241,11 +265,17 @@ def test_load_split_in_memory(shards, digits, tmp_path):
     assert x.dtype == torch.uint8 and x.shape == (N, 1, 8, 8) and y.dtype == torch.long
     assert torch.equal(x[:, 0], torch.from_numpy(digits[0])) and torch.equal(y, torch.from_numpy(digits[1]))
     d = copy_shards(shards, tmp_path)
-    break_image(os.path.join(d, "train-000002.tar"), "00000210")
+    key, lost = break_record(os.path.join(d, "train-000002.tar"), 210)
     with pytest.raises(ValueError, match="train-000002.tar: sha256 differs"):
         load_split_in_memory(d, "train")
-    with pytest.raises(ValueError, match="train-000002.tar.*00000210"):
+    with pytest.raises(ValueError, match=f"train-000002.tar.*{key}"):
         load_split_in_memory(d, "train", verify=False)
+    # Skipping keeps every row at its index: unreadable ones are zero images with label -1.
+    xs, ys = load_split_in_memory(d, "train", verify=False, on_error="skip")
+    lost = sorted(lost)
+    assert (ys[lost] == -1).all() and not xs[lost].any()
+    keep = torch.tensor([i for i in range(N) if i not in lost])
+    assert torch.equal(xs[keep], x[keep]) and torch.equal(ys[keep], y[keep])
     with pytest.raises(KeyError, match="no split 'val'"):
         load_split_in_memory(shards, "val")
 
@@ -269,3 +299,19 @@ def test_rank_and_world_size_from_torch_distributed(shards, monkeypatch):
     other = torch.cat([b[2] for b in ShardStream(shards, batch_size=B, mode="exact", num_workers=0, rank=0).epoch(0)])
     real = lambda i: set(i[~is_padding(i)].tolist())  # noqa: E731
     assert real(mine).isdisjoint(real(other)) and real(mine) | real(other) == set(range(N))
+
+
+def test_first_batch_needs_no_more_than_the_buffer(shards, monkeypatch):
+    """Resample mode never ends: the first batch must come after about `shuffle_buffer` samples, whatever
+    the layout (one-sample records are not held back in a window of their own)."""
+    import bype.data.stream as stream_module
+
+    decoded = []
+    real = stream_module.decode_sample
+    monkeypatch.setattr(stream_module, "decode_sample", lambda *a: decoded.append(1) or real(*a))
+    s = ShardStream(shards, batch_size=B, num_workers=0, shuffle_buffer=40, samples_per_epoch=B)
+    assert len(list(s.epoch(0))) == 1
+    if layout_of(shards) == "samples":
+        # At most the buffer, two batches (a batch is held until the next exists, so reports travel with
+        # it) and one group of 32 decoded images.
+        assert 2 * B <= len(decoded) <= 40 + 2 * B + 32

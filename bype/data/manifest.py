@@ -4,19 +4,23 @@ Layout of a prepared directory::
 
     manifest.json                 written last, atomically: the directory is complete when it exists
     train-000000.tar ...          webdataset shards, one per `shard_size` samples, in index order
+                                  (records: blocks of `block_size` samples, or one sample each)
     _prepare/config.json          the configuration that produced the shards (resume / --force check)
     _prepare/train-000000.npz     per-shard count, sha256 and exact integer statistics (resume)
 
 Manifest (format version 1)::
 
     {"format": "bype-shards", "version": 1, "dataset": "fashion-mnist", "config": {...},
-     "shape": [C, H, W], "dtype": "uint8", "encoding": "png", "labels": [0, ..., 9], "classes": [...] | null,
+     "shape": [C, H, W], "dtype": "uint8", "layout": "blocks", "block_size": 256, "encoding": "raw",
+     "labels": [0, ..., 9], "classes": [...] | null,
      "splits": {"train": {"count": 50000,
                           "stats": {"n": 50000, "sum_x": [D floats], "sum_sq": float},
                           "shards": [{"name": "train-000000.tar", "count": 5000, "first_idx": 0,
                                       "sha256": "..."}, ...]}, ...}}
 
-`stats` are the sufficient statistics of the coreset data term with x scaled to [0, 1] and flattened in
+`layout` is "blocks" (`encoding` "raw": uint8 arrays as .npy, `block_size` samples per record) or
+"samples" (one record per sample, `encoding` "png" / "jpeg"); a manifest without `layout` (written
+before blocks existed) means "samples". `stats` are the sufficient statistics of the coreset data term with x scaled to [0, 1] and flattened in
 C, H, W order: `sum_x = sum_n x_n` (per pixel), `sum_sq = sum_n ||x_n||^2`, `n`.
 """
 from __future__ import annotations
@@ -31,6 +35,11 @@ FORMAT = "bype-shards"
 VERSION = 1
 SPLITS = ("train", "val", "test")
 _REQUIRED = ("format", "version", "dataset", "shape", "dtype", "splits")
+
+
+def manifest_layout(manifest: dict) -> str:
+    """The record layout of a manifest's shards: 'blocks' or 'samples' (older manifests: samples)."""
+    return manifest.get("layout", "samples")
 
 
 def shard_name(split: str, k: int) -> str:
@@ -60,7 +69,7 @@ def write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _is_remote(spec: str) -> bool:
+def is_remote(spec: str) -> bool:
     return bool(re.match(r"^[a-z][a-z0-9+.-]*:", spec)) and not spec.startswith("file:")
 
 
@@ -75,7 +84,7 @@ def manifest_location(spec: str) -> str | None:
         spec = spec[len("file:"):]
     if spec.endswith(".json"):
         return spec
-    if not _is_remote(spec) and os.path.isdir(spec):
+    if not is_remote(spec) and os.path.isdir(spec):
         return os.path.join(spec, MANIFEST_NAME)
     first = spec.split("::")[0]
     parent = first.rsplit("/", 1)[0] if "/" in first else "."
@@ -83,7 +92,7 @@ def manifest_location(spec: str) -> str | None:
 
 
 def _read_text(location: str) -> str:
-    if _is_remote(location):
+    if is_remote(location):
         import webdataset as wds  # http(s) and friends through webdataset's opener
 
         with wds.gopen(location, "rb") as f:
@@ -100,6 +109,10 @@ def validate_manifest(m, where: str) -> dict:
         raise ValueError(f"{where}: manifest lacks key(s) {', '.join(missing)}")
     if m["format"] != FORMAT or m["version"] != VERSION:
         raise ValueError(f"{where}: unsupported manifest format {m['format']!r} version {m['version']!r}")
+    if m.get("layout", "samples") not in ("blocks", "samples"):
+        raise ValueError(f"{where}: unknown layout {m['layout']!r} (blocks or samples)")
+    if m.get("layout") == "blocks" and not (isinstance(m.get("block_size"), int) and m["block_size"] >= 1):
+        raise ValueError(f"{where}: layout 'blocks' needs a positive integer block_size")
     if len(m["shape"]) != 3:
         raise ValueError(f"{where}: 'shape' must be [C, H, W], got {m['shape']}")
     for split, entry in m["splits"].items():

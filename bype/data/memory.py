@@ -65,12 +65,17 @@ class MemoryLoader:
     def __len__(self) -> int:
         return len(self.split) // self.batch_size
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def raw_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The batches of `epoch` as stored: x uint8 [B, C, H, W], y, idx (the rows)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.split), generator=g)
         for step in range(len(self)):
             rows = order[step * self.batch_size:(step + 1) * self.batch_size][self.rank::self.world_size]
-            yield self.split.x[rows].float() / 255.0, self.split.y[rows], rows
+            yield self.split.x[rows], self.split.y[rows], rows
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for x, y, rows in self.raw_epoch(epoch):
+            yield x.float() / 255.0, y, rows
 
 
 def iterate_eval(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,14 +1,16 @@
 """`bype data prepare DATASET --src PATH --out DIR`: convert a data set into webdataset shards.
 
-Writes `{split}-{000000..}.tar` (each sample: `KEY.png` lossless image, `KEY.cls` label, `KEY.idx` global
-index within its split, as decimal text) and `manifest.json` (see `bype.data.manifest`).
+Writes `{split}-{000000..}.tar` and `manifest.json` (see `bype.data.manifest`). Records (`--layout`):
+`blocks` (default) hold `--block-size` samples each as raw uint8 arrays (`KEY.x.npy`, `KEY.cls.npy`,
+`KEY.idx.npy`, KEY = the first sample's index; see `bype.data.records`); `samples` hold one sample each
+(`KEY.png` lossless image, `KEY.cls` label, `KEY.idx` global index within its split, as decimal text).
 
 - Resumable: shard k of a split always holds samples [k * shard_size, (k + 1) * shard_size), so a
   rerun keeps every shard whose sha256 matches its record in `_prepare/` and rewrites only the others
   (missing, truncated, corrupt). A shard is written under a temporary name and renamed when complete.
 - Safe: an output directory prepared with a different data set or configuration is never overwritten
   unless `force=True` (`--force`).
-- Deterministic: fixed tar metadata and PNG encoding make the same input give byte-identical shards.
+- Deterministic: fixed tar metadata and array / PNG encoding make the same input give byte-identical shards.
 - One writer per output directory at a time.
 """
 from __future__ import annotations
@@ -29,6 +31,8 @@ from tqdm import tqdm
 from . import formats
 from .manifest import (FORMAT, MANIFEST_NAME, SPLITS, VERSION, sample_key, sha256_file, shard_name,
                        write_json_atomic)
+from .records import DEFAULT_BLOCK_SIZE, LAYOUTS, encode_block
+from .shuffle import rechunk
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "celeba", "imagefolder", "npz")
 DEFAULT_SRC = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
@@ -51,7 +55,7 @@ def open_dataset(dataset: str, src: str, *, size=None, crop=None, channels=3) ->
     raise ValueError(f"unknown data set {dataset!r}; choose from {', '.join(DATASETS)}")
 
 
-def _config(dataset, src, shard_size, splits, limit, size, crop, channels) -> dict:
+def _config(dataset, src, shard_size, splits, limit, size, crop, channels, layout, block_size) -> dict:
     """What determines the shards' content; a different config means a different output."""
     options = {}
     if dataset == "celeba":
@@ -59,7 +63,14 @@ def _config(dataset, src, shard_size, splits, limit, size, crop, channels) -> di
     elif dataset == "imagefolder":
         options = {"size": size, "crop": crop, "channels": channels}
     return {"format": FORMAT, "version": VERSION, "dataset": dataset, "src": os.path.abspath(src),
-            "shard_size": shard_size, "splits": list(splits), "limit": limit, "options": options}
+            "shard_size": shard_size, "splits": list(splits), "limit": limit, "options": options,
+            **_layout_fields(layout, block_size)}
+
+
+def _layout_fields(layout: str, block_size: int) -> dict:
+    if layout == "blocks":
+        return {"layout": "blocks", "block_size": block_size, "encoding": "raw"}
+    return {"layout": "samples", "encoding": "png"}
 
 
 # --- output directory state ------------------------------------------------------------------------
@@ -84,7 +95,7 @@ def _clear(out: str) -> None:
     shutil.rmtree(os.path.join(out, STATE_DIR), ignore_errors=True)
 
 
-def _claim_output(out: str, config: dict, force: bool) -> None:
+def claim_output(out: str, config: dict, force: bool) -> None:
     os.makedirs(os.path.join(out, STATE_DIR), exist_ok=True)
     existing = _existing_config(out)
     stray = [n for n in os.listdir(out) if _SHARD_RE.match(n)]
@@ -141,30 +152,47 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_shard(out: str, name: str, source: formats.Source, start: int, stop: int, bar) -> dict:
+def source_chunks(source: formats.Source, start: int, stop: int, size: int):
+    """Chunks (x, y, idx) of samples [start, stop) of a source, `size` samples at a time, shapes checked."""
     shape = source.shape
-    sum_x = np.zeros(int(np.prod(shape)), dtype=np.int64)  # exact integer sums; scaled once at the end
-    sum_sq, labels = 0, set()
+    for a in range(start, stop, size):
+        xs, ys = [], []
+        for i in range(a, min(a + size, stop)):
+            x, y = source.get(i)
+            if x.shape != shape or x.dtype != np.uint8:
+                raise ValueError(f"sample {i}: image {x.dtype} {list(x.shape)}, expected uint8 {list(shape)}")
+            xs.append(x), ys.append(y)
+        yield np.stack(xs), np.array(ys, dtype=np.int64), np.arange(a, a + len(xs), dtype=np.int64)
+
+
+def write_shard(out: str, name: str, chunks, layout: str, block_size: int, bar) -> dict:
+    """Write one shard from chunks (x, y, idx) in the given layout, atomically; returns its record
+    (count, first index, sha256, exact integer pixel sums, labels), also saved under `_prepare/`."""
+    sum_x, sum_sq, labels, count, first = None, 0, set(), 0, None
     path = os.path.join(out, name)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in range(start, stop):
-                x, y = source.get(i)
-                if x.shape != shape or x.dtype != np.uint8:
-                    raise ValueError(f"sample {i}: image {x.dtype} {list(x.shape)}, expected uint8 {list(shape)}")
-                key = sample_key(i)
-                _add_member(tar, f"{key}.png", _encode_png(x))
-                _add_member(tar, f"{key}.cls", str(y).encode())
-                _add_member(tar, f"{key}.idx", str(i).encode())
-                v = x.reshape(-1).astype(np.int64)
-                sum_x += v
-                sum_sq += int(v @ v)
-                labels.add(y)
-                bar.update(1)
+            for x, y, idx in rechunk(chunks, block_size if layout == "blocks" else None):
+                if layout == "blocks":
+                    for field, data in encode_block(x, y, idx).items():
+                        _add_member(tar, f"{sample_key(int(idx[0]))}.{field}", data)
+                else:
+                    for xi, yi, i in zip(x, y, idx):
+                        key = sample_key(int(i))
+                        _add_member(tar, f"{key}.png", _encode_png(xi))
+                        _add_member(tar, f"{key}.cls", str(int(yi)).encode())
+                        _add_member(tar, f"{key}.idx", str(int(i)).encode())
+                v = x.reshape(len(x), -1).astype(np.int64)  # exact integer sums; scaled once at the end
+                sum_x = v.sum(0) if sum_x is None else sum_x + v.sum(0)
+                sum_sq += int(np.einsum("ij,ij->", v, v))
+                labels.update(int(c) for c in np.unique(y))
+                first = int(idx[0]) if first is None else first
+                count += len(x)
+                bar.update(len(x))
         f.flush()
         os.fsync(f.fileno())
-    rec = {"count": np.int64(stop - start), "first_idx": np.int64(start), "sha256": np.str_(sha256_file(tmp)),
+    rec = {"count": np.int64(count), "first_idx": np.int64(first or 0), "sha256": np.str_(sha256_file(tmp)),
            "sum_x": sum_x, "sum_sq": np.int64(sum_sq), "labels": np.array(sorted(labels), dtype=np.int64)}
     os.replace(tmp, path)
     rec_tmp = _record_path(out, name) + f".tmp-{os.getpid()}.npz"
@@ -176,8 +204,8 @@ def _write_shard(out: str, name: str, source: formats.Source, start: int, stop: 
 # --- the whole data set --------------------------------------------------------------------------------
 
 def prepare(dataset: str, src: str | None, out: str, *, shard_size: int = 5000, splits=None, limit: int | None = None,
-            size: int | None = None, crop: int | None = None, channels: int = 3, force: bool = False,
-            progress: bool = True) -> dict:
+            size: int | None = None, crop: int | None = None, channels: int = 3, layout: str = "blocks",
+            block_size: int = DEFAULT_BLOCK_SIZE, force: bool = False, progress: bool = True) -> dict:
     """Write (or complete) the shards and manifest of `dataset` under `out`.
 
     Returns {"manifest": dict, "written": [shard names], "kept": [shard names]}.
@@ -189,6 +217,10 @@ def prepare(dataset: str, src: str | None, out: str, *, shard_size: int = 5000, 
         raise FileNotFoundError(f"{src}: source of {dataset} not found")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     raw = open_dataset(dataset, src, size=size, crop=crop, channels=channels)
@@ -196,9 +228,9 @@ def prepare(dataset: str, src: str | None, out: str, *, shard_size: int = 5000, 
     for s in splits:
         if s not in raw.splits:
             raise KeyError(f"{src}: {dataset} has no split {s!r} (has: {', '.join(raw.splits)})")
-    config = _config(dataset, src, shard_size, splits, limit, size, crop, channels)
+    config = _config(dataset, src, shard_size, splits, limit, size, crop, channels, layout, block_size)
     os.makedirs(out, exist_ok=True)
-    _claim_output(out, config, force)
+    claim_output(out, config, force)
 
     sizes = {s: len(raw.splits[s]) if limit is None else min(limit, len(raw.splits[s])) for s in splits}
     plan = [(s, k, k * shard_size, min((k + 1) * shard_size, sizes[s]))
@@ -212,18 +244,20 @@ def prepare(dataset: str, src: str | None, out: str, *, shard_size: int = 5000, 
         for s, k, start, stop in plan:
             name = shard_name(s, k)
             if records[name] is None:
-                records[name] = _write_shard(out, name, raw.splits[s], start, stop, bar)
+                chunks = source_chunks(raw.splits[s], start, stop, block_size if layout == "blocks" else 64)
+                records[name] = write_shard(out, name, chunks, layout, block_size, bar)
             else:
                 bar.update(stop - start)
 
-    manifest = _manifest(dataset, config, raw, splits, sizes, plan, records)
+    manifest = build_manifest(dataset, config, raw.shape, raw.classes, splits, sizes, plan, records)
     write_json_atomic(os.path.join(out, MANIFEST_NAME), manifest)
     return {"manifest": manifest, "written": todo, "kept": [n for n in records if n not in todo]}
 
 
-def _manifest(dataset, config, raw, splits, sizes, plan, records) -> dict:
+def build_manifest(dataset, config, shape, classes, splits, sizes, plan, records) -> dict:
+    """The manifest of finished shards: `plan` [(split, k, start, stop)], `records` by shard name."""
     entries, labels = {}, set()
-    d = int(np.prod(raw.shape))
+    d = int(np.prod(shape))
     for s in splits:
         shards = [(shard_name(s, k), records[shard_name(s, k)]) for s2, k, _, _ in plan if s2 == s]
         sum_x = np.zeros(d, dtype=np.int64)
@@ -239,8 +273,8 @@ def _manifest(dataset, config, raw, splits, sizes, plan, records) -> dict:
                         "sha256": str(r["sha256"])} for n, r in shards],
         }
     return {"format": FORMAT, "version": VERSION, "dataset": dataset, "config": config,
-            "shape": list(raw.shape), "dtype": "uint8", "encoding": "png", "labels": sorted(labels),
-            "classes": raw.classes, "splits": entries}
+            "shape": list(shape), "dtype": "uint8", **_layout_fields(config["layout"], config.get("block_size")),
+            "labels": sorted(labels), "classes": classes, "splits": entries}
 
 
 # --- command line ----------------------------------------------------------------------------------
@@ -256,15 +290,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop", type=int, help="celeba / imagefolder: centre square side before resizing "
                         "(celeba: 148; 0 = the shorter side)")
     parser.add_argument("--channels", type=int, default=3, choices=(1, 3), help="imagefolder: 1 grey, 3 RGB")
+    add_layout_arguments(parser)
     parser.add_argument("--force", action="store_true", help="overwrite an output prepared differently")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_layout_arguments(parser: argparse.ArgumentParser, blocks_only: bool = False) -> None:
+    if not blocks_only:
+        parser.add_argument("--layout", choices=LAYOUTS, default="blocks",
+                            help="blocks: BLOCK_SIZE raw uint8 samples per tar record (fast to stream; default); "
+                            "samples: one PNG per sample (the webdataset convention)")
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                        help=f"samples per block record (default {DEFAULT_BLOCK_SIZE})")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         summary = prepare(args.dataset, args.src, args.out, shard_size=args.shard_size,
                           splits=args.splits.split(",") if args.splits else None, limit=args.limit,
-                          size=args.size, crop=args.crop, channels=args.channels, force=args.force,
+                          size=args.size, crop=args.crop, channels=args.channels, layout=args.layout,
+                          block_size=args.block_size, force=args.force,
                           progress=not args.no_progress)
     except (FileExistsError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"bype data prepare: error: {e.args[0] if e.args else e}", file=sys.stderr)

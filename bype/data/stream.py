@@ -1,9 +1,10 @@
 """Streaming loader over webdataset tar shards with equal steps per rank.
 
-A `ShardStream` yields batches `(x, y, idx)`: `x` float32 [B, C, H, W] in [0, 1], `y` long labels, `idx`
-long global index within the split (-1 when a shard does not store it). Every batch has exactly
-`batch_size` samples and every rank gets exactly `len(stream)` batches per epoch, whatever the shard
-sizes, so DDP collectives never wait on a rank that ran out of data.
+A `ShardStream` yields batches `(x, y, idx)`: `x` float32 [B, C, H, W] in [0, 1] (`epoch`) or uint8 as
+stored (`raw_epoch`, for a conversion on the device), `y` long labels, `idx` long global index within
+the split (-1 when a shard does not store it). Every batch has exactly `batch_size` samples and every
+rank gets exactly `len(stream)` batches per epoch, whatever the shard sizes, so DDP collectives never
+wait on a rank that ran out of data.
 
 Shard specs
     A prepared directory (or its `manifest.json`); local paths; brace patterns
@@ -12,19 +13,24 @@ Shard specs
     Per-shard sample counts come from the manifest: the directory's own, the `manifest.json` beside the
     first shard, or the one passed as `manifest=`.
 
+Layouts (`bype.data.records`)
+    Block records (many samples per tar member, what `bype data prepare` writes) are read as arrays;
+    one-sample records (PNG / JPEG, the webdataset convention) are decoded in the workers. Either way the
+    pipeline after reading works on whole arrays: a seeded window of blocks, a seeded buffer of samples
+    (`bype.data.shuffle`), batches cut as tensors; workers send groups of batches (about 1 MB) to the main
+    process, persistent across epochs; with CUDA the DataLoader pins them.
+
 Modes
-    `resample` (default): every reader (rank x DataLoader worker) draws shards with replacement from
-        all shards (webdataset `ResampledShards`) and the epoch is cut at a fixed length on the loader
-        (`WebLoader.with_epoch`: on the loader, not the dataset, where it would count per worker).
-        `samples_per_epoch` (default: the split size) gives `len = ceil(samples_per_epoch / (world_size
-        * batch_size))` steps. Within an epoch a sample may be seen twice or not at all; over epochs
-        every sample is seen equally often in expectation. Needs no counts when `samples_per_epoch` is
-        given; works with any number of shards, even one.
+    `resample` (default): every reader (rank x DataLoader worker) draws shards with replacement from all
+        shards, seeded by (seed, epoch, rank, worker), and the main process cuts the epoch at
+        `len = ceil(samples_per_epoch / (world_size * batch_size))` batches. Within an epoch a sample may
+        be seen twice or not at all; over epochs every sample is seen equally often in expectation.
+        Needs no counts when `samples_per_epoch` is given; works with any number of shards, even one.
     `exact`: each sample exactly once per epoch across all ranks. The shards, shuffled by
         (seed, epoch) identically on every rank, are concatenated and cut into one contiguous range
         per reader (rank-major, then worker), so a shard can be shared by readers, each reading its own
-        slice: fewer shards than readers is fine. A reader streams (without decoding) the part of a
-        shard before its slice, so the extra I/O per epoch is at most one shard per reader.
+        slice: fewer shards than readers is fine. A reader skips the part of a shard before its slice
+        (blocks wholly before it are not decoded), so the extra I/O per epoch is at most one shard per reader.
         `len = ceil(N / (world_size * batch_size))`; a rank's `len * batch_size` slots exceed its share
         of N by less than `batch_size + 1` samples, filled with padding: copies of samples the reader
         already yielded, placed in its last batch. With `pad="flag"` (default) a padding sample's idx
@@ -34,47 +40,46 @@ Modes
         y = idx = -1. `stream.padded` is the number of padding samples this rank received last epoch.
 
 Order
-    Shard order and the sample shuffle buffer are seeded by (seed, epoch, rank, worker): the same
-    (seed, epoch) gives the same batches; epochs differ. The order also depends on world_size and
-    num_workers (they define the readers).
+    Shard order, block window and sample buffer are seeded by (seed, epoch, rank, worker): the same
+    (seed, epoch) gives the same batches, also in a new process (a resumed run); epochs differ. The order
+    also depends on world_size and num_workers (they define the readers); num_workers is capped at the
+    CPU cores available.
 
 Errors
     A shard that cannot be opened or read (missing, truncated, corrupt tar, fewer samples than its
-    manifest count) and a sample that cannot be decoded (broken image, missing or bad field, wrong
-    shape) are skipped, counted in `stream.errors` ({"shard": n, "sample": n}) and logged with their
-    names on logger "bype.data" (in the main process, also for worker errors). The epoch keeps its step
-    count (resample: reading goes on; exact: the reader pads). `on_error="raise"` fails the run instead,
-    with a message naming the shard.
+    manifest count), a block and a sample that cannot be decoded (broken npy / image, missing or bad
+    field, wrong shape) are skipped, counted in `stream.errors` ({"shard": n, "block": n, "sample": n})
+    and logged with their names on logger "bype.data" (in the main process, also for worker errors).
+    The epoch keeps its step count (resample: reading goes on; exact: the reader pads).
+    `on_error="raise"` fails the run instead with a `ShardError` (a ValueError: one line on the command
+    line) naming the shard.
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch import Tensor
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .manifest import load_manifest, manifest_location, sha256_file, split_entry
+from .manifest import is_remote, load_manifest, manifest_layout, manifest_location, sha256_file, split_entry
+from .records import decode_block, decode_sample, record_layout, stack_samples
+from .shuffle import BatchShuffler, concat, shuffle_chunks
 
-__all__ = ["ShardStream", "load_manifest", "load_split_in_memory", "manifest_stats", "is_padding", "true_index",
-           "exact_plan"]
+__all__ = ["ShardStream", "ShardError", "load_manifest", "load_split_in_memory", "manifest_stats", "is_padding",
+           "true_index", "exact_plan", "verify_shards", "to_float", "decode_sample"]
 
 log = logging.getLogger("bype.data")
 
 MODES = ("resample", "exact")
-IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp", "ppm", "pgm", "bmp")
 _MAX_EMPTY_DRAWS = 64  # resample: consecutive shard draws without a sample before giving up (no hang)
-_MAX_BAD_SAMPLES = 10_000  # resample: consecutive undecodable samples before giving up
 
 
 def is_padding(idx: Tensor) -> Tensor:
@@ -170,33 +175,30 @@ def exact_plan(counts: list[int], *, seed: int, epoch: int, world_size: int, num
     return steps, plan
 
 
-# --- reading and decoding (runs in DataLoader workers) -----------------------------------------------
+# --- reading (runs in DataLoader workers) --------------------------------------------------------------
 
 class _ShardError(Exception):
     pass
 
 
-class _Fatal(Exception):
-    """Stops a reader; delivered to the main process as an item, raised there as RuntimeError."""
+class ShardError(ValueError):
+    """Unreadable or corrupt data under `on_error="raise"` (or a stream that cannot go on): one line naming
+    the shard. A ValueError, so the command line reports it as one line."""
 
 
-def _read_shard(url: str, start: int = 0, stop: int | None = None, expected: int | None = None):
-    """Raw samples (dicts of bytes) at positions [start, stop) of one shard; _ShardError if unreadable."""
+def _read_records(url: str):
+    """Raw records (dicts of bytes) of one shard in tar order; _ShardError if it cannot be read through."""
     stream, pos, finished = None, 0, False
     try:
         stream = wds.gopen(url, "rb")
-        for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
-            if stop is not None and pos >= stop:
-                break
-            if pos >= start:
-                yield sample
+        for record in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+            yield record
             pos += 1
-        else:
-            finished = True
+        finished = True
     except GeneratorExit:
         raise
     except Exception as e:
-        raise _ShardError(f"{url}: unreadable shard after {pos} samples ({type(e).__name__}: {_first_arg(e)})") from e
+        raise _ShardError(f"{url}: unreadable shard after {pos} records ({type(e).__name__}: {_first_arg(e)})") from e
     finally:
         if stream is not None:
             try:
@@ -205,6 +207,49 @@ def _read_shard(url: str, start: int = 0, stop: int | None = None, expected: int
                 # A pipe we stopped reading early may exit non-zero; only a complete read must close cleanly.
                 if finished:
                     raise _ShardError(f"{url}: {_first_arg(e)}") from e
+
+
+def shard_chunks(url: str, start: int = 0, stop: int | None = None, expected: int | None = None, *,
+                 shape=None, block_size: int | None = None, report=None, group: int = 32) -> Iterator[tuple]:
+    """Chunks `(x, y, idx)` of the samples at positions [start, stop) of one shard, either layout.
+
+    A broken record is passed to `report(kind, message)` ("block" or "sample") and skipped; a shard that
+    cannot be read through, or holds fewer samples than `stop` / `expected`, raises _ShardError. Block
+    records wholly before `start` are skipped undecoded when `block_size` is known.
+    """
+    pos, pending = 0, []
+    for record in _read_records(url):
+        if stop is not None and pos >= stop:
+            break
+        name = f"{url}: {'block' if 'x.npy' in record else 'sample'} {record.get('__key__')}"
+        if record_layout(record) == "blocks":
+            if block_size is not None and pos + block_size <= start:
+                pos += block_size
+                continue
+            try:
+                x, y, idx = decode_block(record, shape)
+            except ValueError as e:
+                report("block", f"{name}: {e}")
+                pos += block_size or 0
+                continue
+            lo, hi = max(0, start - pos), len(x) if stop is None else min(len(x), stop - pos)
+            pos += len(x)
+            if hi > lo:
+                yield x[lo:hi], y[lo:hi], idx[lo:hi]
+            continue
+        pos += 1
+        if pos <= start:
+            continue
+        try:
+            pending.append(decode_sample(record, shape))
+        except ValueError as e:
+            report("sample", f"{name}: {e}")
+            continue
+        if len(pending) == group:
+            yield stack_samples(pending)
+            pending = []
+    if pending:
+        yield stack_samples(pending)
     want = stop if stop is not None else expected
     if want is not None and pos < want:
         raise _ShardError(f"{url}: truncated shard: {pos} samples, expected {want}")
@@ -214,61 +259,35 @@ def _first_arg(e: Exception) -> str:
     return str(e.args[0]) if e.args else str(e)
 
 
-def decode_sample(sample: dict, shape: tuple | None) -> tuple[np.ndarray, int, int]:
-    """(uint8 [C, H, W], label, idx) of a raw webdataset sample; ValueError when broken."""
-    field = next((f for f in IMAGE_FIELDS if f in sample), None)
-    if field is None:
-        raise ValueError(f"no image field (has {sorted(k for k in sample if not k.startswith('__'))})")
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's or a SLURM job's share)."""
     try:
-        img = Image.open(io.BytesIO(sample[field]))
-        if img.mode not in ("L", "RGB"):
-            img = img.convert("L" if shape is not None and shape[0] == 1 else "RGB")
-        x = np.asarray(img, dtype=np.uint8)
-    except Exception as e:  # PIL raises many types on broken data
-        raise ValueError(f"broken {field} image ({type(e).__name__}: {_first_arg(e)})") from e
-    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
-    if shape is not None and tuple(x.shape) != tuple(shape):
-        raise ValueError(f"image shape {list(x.shape)}, expected {list(shape)}")
-    try:
-        y = int(sample["cls"]) if "cls" in sample else -1
-        idx = int(sample["idx"]) if "idx" in sample else -1
-    except ValueError as e:
-        raise ValueError(f"bad cls/idx field ({e})") from e
-    return x, y, idx
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
-def _collate(items: list[tuple[np.ndarray, int, int]]) -> tuple[Tensor, Tensor, Tensor]:
-    # uint8 across the worker -> main process boundary: a quarter of the bytes of float32.
-    x = torch.from_numpy(np.stack([it[0] for it in items]))
-    y = torch.tensor([it[1] for it in items], dtype=torch.long)
-    idx = torch.tensor([it[2] for it in items], dtype=torch.long)
-    return x, y, idx
+class _Reader(torch.utils.data.IterableDataset):
+    """The reader of one rank; each DataLoader worker reads its own part and yields groups of batches.
 
-
-def _reader_seed(rank: int) -> int:
-    """Seed component of a reader for ResampledShards: our rank (not the env's), and the worker id."""
-    info = torch.utils.data.get_worker_info()
-    return rank * 1000 + (info.id if info is not None else 0)
-
-
-class _EpochReader(torch.utils.data.IterableDataset):
-    """One epoch of one rank; each DataLoader worker reads its own part and yields whole batches.
-
-    Items are `(x, y, idx, events)`: `events` carries skipped-data reports to the main process, where
+    The workers live across epochs (persistent): the epoch to read comes through a shared-memory tensor
+    that the main process sets before each pass. Items are `(slot, x, y, idx, events)`: up to `group`
+    whole batches, either as tensors (`slot` None) or written into a slot of the shared `ring` (`slot` =
+    (worker, slot, n), tensors None); `events` are the skipped-data reports for the main process, where
     they are counted and logged (worker processes have no view of the caller's logging).
     """
 
-    def __init__(self, s: "ShardStream", epoch: int):
+    def __init__(self, s: "ShardStream"):
         super().__init__()
         self.urls, self.counts, self.shape = s.urls, s.counts, s.shape
         self.mode, self.on_error, self.pad = s.mode, s.on_error, s.pad
         self.rank, self.world_size, self.num_workers = s.rank, s.world_size, s.num_workers
-        self.batch_size, self.buffer, self.seed, self.epoch = s.batch_size, s.shuffle_buffer, s.seed, epoch
+        self.batch_size, self.buffer, self.seed = s.batch_size, s.shuffle_buffer, s.seed
+        self.block_size, self.group = s.block_size, s.group
+        self.epoch_box = torch.zeros(1, dtype=torch.long).share_memory_()
+        self.ring = _SlotRing(s.num_workers, s.prefetch_factor * s.num_workers + 2, s.group * s.batch_size,
+                              s.shape) if s.num_workers and s.shape else None
         self.events: list[tuple[str, str]] = []
-
-    def _worker(self) -> int:
-        info = torch.utils.data.get_worker_info()
-        return info.id if info is not None else 0
 
     def _report(self, kind: str, message: str) -> None:
         if self.on_error == "raise":
@@ -279,107 +298,151 @@ class _EpochReader(torch.utils.data.IterableDataset):
         events, self.events = self.events, []
         return events
 
-    def _samples(self, segments) -> Iterator[dict]:
-        """Raw samples of (url, start, stop, expected) segments; unreadable shards are reported."""
+    def _chunks(self, segments) -> Iterator[tuple]:
+        """Chunks of (url, start, stop, expected) segments; unreadable shards are reported."""
         empty_run = 0
         for url, start, stop, expected in segments:
             got = 0
             try:
-                for sample in _read_shard(url, start, stop, expected):
-                    got += 1
-                    yield sample
+                for chunk in shard_chunks(url, start, stop, expected, shape=self.shape, block_size=self.block_size,
+                                          report=self._report):
+                    got += len(chunk[0])
+                    yield chunk
             except _ShardError as e:
                 self._report("shard", str(e))
             empty_run = 0 if got else empty_run + 1
             if self.mode == "resample" and empty_run >= _MAX_EMPTY_DRAWS:
-                raise _Fatal(f"{empty_run} shard draws in a row gave no samples (last: {url}); "
+                raise _Fatal(f"{url}: {empty_run} shard draws in a row gave no samples; "
                              f"are the shards empty or unreadable?")
 
-    def _decoded(self, raw: Iterator[dict]) -> Iterator[tuple[np.ndarray, int, int]]:
-        bad_run = 0
-        for sample in raw:
-            try:
-                item = decode_sample(sample, self.shape)
-            except ValueError as e:
-                self._report("sample", f"{sample.get('__url__')}: sample {sample.get('__key__')}: {e}")
-                bad_run += 1
-                if self.mode == "resample" and bad_run >= _MAX_BAD_SAMPLES:
-                    raise _Fatal(f"{bad_run} undecodable samples in a row (last: {sample.get('__url__')}); "
-                                 f"giving up") from e
-                continue
-            bad_run = 0
-            yield item
-
-    def _shuffled(self, raw: Iterator[dict], worker: int) -> Iterator[dict]:
-        if self.buffer <= 1:
-            return raw
-        seed = _rng_seed(self.seed, self.epoch, self.rank, worker, 1)
-        return wds.shuffle(self.buffer, initial=self.buffer, seed=seed)(raw)
-
     def __iter__(self):
-        worker = self._worker()
+        info = torch.utils.data.get_worker_info()
+        worker, epoch = (info.id if info is not None else 0), int(self.epoch_box[0])
         self.events = []
+        rng = np.random.default_rng(_rng_seed(self.seed, epoch, self.rank, worker, 1))
         try:
             if self.mode == "resample":
-                yield from self._iter_resample(worker)
+                batches = self._resample_batches(epoch, worker, rng)
             else:
-                yield from self._iter_exact(worker)
+                batches = self._exact_batches(epoch, worker, rng)
+            yield from self._items(batches)
         except _Fatal as e:
             # Raising inside a DataLoader worker garbles the message and stalls worker shutdown;
             # end this reader cleanly and let the main process raise.
-            yield None, None, None, [("fatal", str(e))]
+            yield None, None, None, None, [("fatal", str(e))]
 
-    def _iter_resample(self, worker: int):
-        shards = wds.ResampledShards(self.urls, seed=_rng_seed(self.seed, self.epoch), deterministic=True,
-                                     worker_seed=partial(_reader_seed, self.rank))
+    def _items(self, batches: Iterator[tuple]):
+        """Groups of `group` batches as tensors. A group is released only once the next batch exists (or
+        reading is over), so reports found while finishing a shard travel with it: exact mode has no
+        spare item to carry them."""
+        held: list[tuple] = []
+        for batch in batches:
+            if len(held) == self.group:
+                yield self._item(held)
+                held = []
+            held.append(batch)
+        if held:
+            yield self._item(held)
+
+    def _item(self, batches: list[tuple]) -> tuple:
+        x, y, idx = concat(batches) if len(batches) > 1 else batches[0]
+        if self.ring is not None:
+            info = torch.utils.data.get_worker_info()
+            return self.ring.put(info.id if info is not None else 0, x, y, idx), None, None, None, self._take_events()
+        return None, torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), torch.from_numpy(idx), \
+            self._take_events()
+
+    def _shuffled(self, chunks, rng) -> tuple[Iterator[tuple], BatchShuffler]:
+        # Whole blocks are shuffled as units first (a window of a quarter of the buffer's samples: it
+        # fills before the first batch); decoded single samples go straight to the sample buffer.
+        window = self.buffer // (4 * self.block_size) if self.buffer > 1 and self.block_size else 0
+        return shuffle_chunks(chunks, window, rng), BatchShuffler(self.batch_size, self.buffer, rng)
+
+    def _resample_batches(self, epoch: int, worker: int, rng):
+        draw = random.Random(_rng_seed(self.seed, epoch, self.rank, worker, 2))
         expected = dict(zip(self.urls, self.counts))
-        segments = ((d["url"], 0, None, expected[d["url"]]) for d in shards)
-        batch = []
-        for item in self._decoded(self._shuffled(self._samples(segments), worker)):
-            batch.append(item)
-            if len(batch) == self.batch_size:
-                yield (*_collate(batch), self._take_events())
-                batch = []
+        segments = ((u, 0, None, expected[u]) for u in iter(lambda: draw.choice(self.urls), None))
+        chunks, shuffler = self._shuffled(self._chunks(segments), rng)
+        for chunk in chunks:
+            yield from shuffler.push(chunk)
 
-    def _iter_exact(self, worker: int):
-        # Each batch is released only once the next one has started (or reading is over), so reports
-        # found while finishing a shard travel with a batch: the exact step count leaves no spare item.
-        pending = None
-        for batch in self._exact_batches(worker):
-            if pending is not None:
-                yield (*_collate(pending), self._take_events())
-            pending = batch
-        if pending is not None:
-            yield (*_collate(pending), self._take_events())
-
-    def _exact_batches(self, worker: int) -> Iterator[list]:
-        _, plan = exact_plan(self.counts, seed=self.seed, epoch=self.epoch, world_size=self.world_size,
+    def _exact_batches(self, epoch: int, worker: int, rng):
+        _, plan = exact_plan(self.counts, seed=self.seed, epoch=epoch, world_size=self.world_size,
                              num_workers=self.num_workers, batch_size=self.batch_size)
         segments, slots = plan[(self.rank, worker)]
         if slots == 0:
             return
-        raw = self._samples((self.urls[s], a, b, None) for s, a, b in segments)
-        batch, pool, served = [], [], 0
-        for item in self._decoded(self._shuffled(raw, worker)):
-            if len(pool) < self.batch_size:
-                pool.append(item)  # padding material: the first samples this reader served
-            batch.append(item)
-            served += 1
-            if len(batch) == self.batch_size:
+        chunks, shuffler = self._shuffled(self._chunks((self.urls[s], a, b, None) for s, a, b in segments), rng)
+        first, served = None, 0
+        for chunk in chunks:
+            for batch in shuffler.push(chunk):
+                first = batch if first is None else first
+                served += len(batch[0])
                 yield batch
-                batch = []
+        ready, rest = shuffler.drain()
+        for batch in ready:
+            first = batch if first is None else first
+            served += len(batch[0])
+            yield batch
+        tail = [rest] if rest is not None else []
+        served += len(rest[0]) if rest is not None else 0
+        first = first if first is not None else rest
         n_pad = slots - served
         if n_pad:
             self.events.append(("padded", str(n_pad)))
-        for j in range(n_pad):
-            if pool:
-                x, y, idx = pool[j % len(pool)]
-                batch.append((x, y, -2 - idx if self.pad == "flag" and idx >= 0 else idx))
-            else:
-                batch.append((np.zeros(self.shape, np.uint8), -1, -1))
-            if len(batch) == self.batch_size:
-                yield batch
-                batch = []
+            tail.append(self._padding(first, n_pad))
+        if tail:
+            x, y, idx = concat(tail)
+            for k in range(0, len(x), self.batch_size):
+                yield x[k:k + self.batch_size], y[k:k + self.batch_size], idx[k:k + self.batch_size]
+
+    def _padding(self, pool: tuple | None, n: int) -> tuple:
+        """`n` padding samples: copies of the reader's first samples (idx flagged), or zero images."""
+        if pool is None:
+            return (np.zeros((n, *self.shape), np.uint8), np.full(n, -1, np.int64), np.full(n, -1, np.int64))
+        take = np.arange(n) % len(pool[0])
+        x, y, idx = (a[take] for a in pool)
+        if self.pad == "flag":
+            idx = np.where(idx >= 0, -2 - idx, idx)
+        return x, y, idx
+
+
+class _Fatal(Exception):
+    """Stops a reader; delivered to the main process as an item, raised there as ShardError."""
+
+
+class _SlotRing:
+    """Shared-memory slots, allocated once before the workers start, through which workers hand batches
+    to the main process: a fresh shared-memory tensor per item costs about 2.5 ms per MB here (segment
+    creation, page faults on both sides), a copy into a mapped slot a small fraction of that.
+
+    Worker w writes its j-th item into slot j % n_slots. The DataLoader keeps at most
+    prefetch_factor x num_workers items outstanding, and the main process copies an item out as it
+    arrives, so with n_slots beyond that bound a slot is never rewritten before it has been read.
+    uint8 images: a quarter of the bytes of float32.
+    """
+
+    def __init__(self, workers: int, n_slots: int, capacity: int, shape: tuple):
+        self.x = torch.empty((workers, n_slots, capacity, *shape), dtype=torch.uint8).share_memory_()
+        self.y = torch.empty((workers, n_slots, capacity), dtype=torch.long).share_memory_()
+        self.idx = torch.empty((workers, n_slots, capacity), dtype=torch.long).share_memory_()
+        self.written = [0] * workers  # in each worker process, only its own entry moves
+
+    def put(self, worker: int, x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> tuple[int, int, int]:
+        slot, n = self.written[worker] % self.x.shape[1], len(x)
+        self.written[worker] += 1
+        self.x[worker, slot, :n].numpy()[...] = x
+        self.y[worker, slot, :n].numpy()[...] = y
+        self.idx[worker, slot, :n].numpy()[...] = idx
+        return worker, slot, n
+
+    def take(self, where: tuple[int, int, int], pin: bool) -> tuple[Tensor, Tensor, Tensor]:
+        worker, slot, n = where
+        out = []
+        for a in (self.x, self.y, self.idx):
+            src = a[worker, slot, :n]
+            out.append(torch.empty(src.shape, dtype=src.dtype, pin_memory=pin).copy_(src))
+        return tuple(out)
 
 
 # --- the public loader ---------------------------------------------------------------------------------
@@ -393,7 +456,7 @@ def _dist_rank_world() -> tuple[int, int]:
 class ShardStream:
     """Batches `(x, y, idx)` streamed from shards; `len(stream)` steps per epoch on every rank.
 
-    See the module docstring for specs, modes, ordering and error handling.
+    See the module docstring for specs, layouts, modes, ordering and error handling.
     """
 
     def __init__(self, spec, *, split: str = "train", batch_size: int, seed: int = 0, rank: int | None = None,
@@ -414,6 +477,10 @@ class ShardStream:
             world_size = dist_world if world_size is None else world_size
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
+        cpus = available_cpus()
+        if num_workers > cpus:  # more workers than cores only adds contention (and a torch warning)
+            log.info("data.num_workers: %d capped at the %d CPU core(s) available", num_workers, cpus)
+            num_workers = cpus
         self.spec, self.split, self.mode, self.on_error, self.pad = spec, split, mode, on_error, pad
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.num_workers, self.shuffle_buffer, self.prefetch_factor = num_workers, shuffle_buffer, prefetch_factor
@@ -423,6 +490,11 @@ class ShardStream:
         if not self.urls:
             raise ValueError(f"{spec}: no shards for split {split!r}")
         self.shape = tuple(self.manifest["shape"]) if self.manifest else None
+        self.layout = manifest_layout(self.manifest) if self.manifest else None
+        self.block_size = self.manifest.get("block_size") if self.layout == "blocks" else None
+        # Batches per worker -> main process transfer: fewer, larger messages (about 1 MB of images).
+        sample_bytes = int(np.prod(self.shape)) if self.shape else 784
+        self.group = max(1, min(16, (1 << 20) // max(1, batch_size * sample_bytes))) if num_workers else 1
         known = None if any(c is None for c in self.counts) else sum(self.counts)
         if mode == "exact":
             if known is None:
@@ -438,9 +510,11 @@ class ShardStream:
             if not self.samples_per_epoch:
                 raise ValueError(f"{spec}: resample mode needs samples_per_epoch (no manifest gives the split size)")
             self._steps = max(1, math.ceil(self.samples_per_epoch / (world_size * batch_size)))
-        self.errors = {"shard": 0, "sample": 0}
+        self.errors = {"shard": 0, "block": 0, "sample": 0}
         self.padded = 0
         self._warned: set[str] = set()
+        self._reader = _Reader(self)
+        self._loader = None
 
     def __len__(self) -> int:
         return self._steps
@@ -449,26 +523,19 @@ class ShardStream:
         return (f"ShardStream({len(self.urls)} shards, split={self.split!r}, mode={self.mode!r}, "
                 f"rank={self.rank}/{self.world_size}, batch={self.batch_size}, steps={self._steps})")
 
-    def _loader(self, epoch: int) -> wds.WebLoader:
-        kwargs = dict(batch_size=None, num_workers=self.num_workers, pin_memory=False)  # pinned in _finish
-        if self.num_workers > 0:
-            kwargs["prefetch_factor"] = self.prefetch_factor
-        loader = wds.WebLoader(_EpochReader(self, epoch), **kwargs)
-        # Resample streams never end: cut the epoch on the loader, where it counts batches of this rank.
-        return loader.with_epoch(self._steps) if self.mode == "resample" else loader
-
-    def _finish(self, x: Tensor, y: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """uint8 -> float32 in [0, 1] in one pass, written straight into pinned memory when pinning."""
-        out = torch.empty(x.shape, dtype=torch.float32, pin_memory=self.pin_memory)
-        torch.div(x, 255.0, out=out)
-        if self.pin_memory:
-            y, idx = y.pin_memory(), idx.pin_memory()
-        return out, y, idx
+    def _items(self):
+        if self.num_workers == 0:
+            return iter(self._reader)
+        if self._loader is None:  # workers start once and serve every epoch
+            self._loader = torch.utils.data.DataLoader(
+                self._reader, batch_size=None, num_workers=self.num_workers, pin_memory=False,  # see _take
+                prefetch_factor=self.prefetch_factor, persistent_workers=True)
+        return iter(self._loader)
 
     def _absorb(self, events: list) -> None:
         for kind, message in events:
             if kind == "fatal":
-                raise RuntimeError(message)
+                raise ShardError(message)
             if kind == "padded":
                 self.padded += int(message)
                 continue
@@ -478,19 +545,43 @@ class ShardStream:
             self._warned.add(message)
             log.log(level, "skipped %s: %s", kind, message)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """The batches of `epoch` for this rank: exactly `len(self)` of `batch_size` samples each."""
+    def raw_epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """The batches of `epoch` as stored: `x` uint8 [B, C, H, W] (pinned when pinning), `y`, `idx`.
+
+        For a device-side conversion (`bype.data.device_batches`); `epoch` gives floats.
+        """
         self.padded = 0
-        steps = 0
-        for x, y, idx, events in self._loader(epoch):
+        self._reader.epoch_box[0] = epoch
+        steps, B = 0, self.batch_size
+        for slot, x, y, idx, events in self._items():
             self._absorb(events)
-            steps += 1
-            yield self._finish(x, y, idx)
+            if slot is not None:  # copied out of the worker's slot at once (straight into pinned memory)
+                x, y, idx = self._reader.ring.take(slot, self.pin_memory)
+            elif self.pin_memory:
+                x, y, idx = x.pin_memory(), y.pin_memory(), idx.pin_memory()
+            for k in range(0, len(x), B):
+                if steps == self._steps:
+                    break
+                steps += 1
+                yield x[k:k + B], y[k:k + B], idx[k:k + B]
+            if steps == self._steps and self.mode == "resample":
+                break  # resample readers never end; the next pass restarts them
         if steps != self._steps:  # cannot happen by construction; a hang elsewhere would be worse
             raise RuntimeError(f"rank {self.rank} produced {steps} steps in epoch {epoch}, expected {self._steps}")
 
+    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """The batches of `epoch` for this rank: exactly `len(self)` of `batch_size` samples each, x float32."""
+        for x, y, idx in self.raw_epoch(epoch):
+            yield to_float(x, pin=self.pin_memory), y, idx
+
     def __iter__(self):
         return self.epoch(0)
+
+
+def to_float(x: Tensor, pin: bool = False) -> Tensor:
+    """uint8 grey levels -> float32 in [0, 1] in one pass (into pinned memory when `pin`)."""
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device, pin_memory=pin and x.device.type == "cpu")
+    return torch.div(x, 255.0, out=out)
 
 
 def manifest_stats(manifest: dict, split: str = "train") -> dict:
@@ -500,41 +591,77 @@ def manifest_stats(manifest: dict, split: str = "train") -> dict:
             "sum_sq": torch.tensor(stats["sum_sq"], dtype=torch.float64)}
 
 
-# --- whole splits in memory ------------------------------------------------------------------------------
+# --- integrity and whole splits in memory -----------------------------------------------------------------
 
-def load_split_in_memory(directory: str, split: str, *, verify: bool = True,
+def verify_shards(directory: str, split: str, num_threads: int = 4) -> list[str]:
+    """Messages for the shards of a prepared local split that are missing or whose sha256 differs from the
+    manifest (empty when all are intact); the shards are hashed on a few threads."""
+    location = manifest_location(os.fspath(directory))
+    entry = split_entry(load_manifest(directory), split, location)
+    base = _manifest_base(location)
+
+    def check(shard: dict) -> str | None:
+        path = f"{base}/{shard['name']}"
+        if not os.path.exists(path):
+            return f"{path}: missing"
+        if sha256_file(path) != shard["sha256"]:
+            return f"{path}: sha256 differs from the manifest (corrupt or modified shard)"
+        return None
+
+    with ThreadPoolExecutor(max(1, num_threads)) as pool:
+        return [m for m in pool.map(check, entry["shards"]) if m]
+
+
+def verify_available(spec) -> bool:
+    """Whether `spec` is a local prepared directory (or manifest) whose shards can be hashed at start-up."""
+    spec = os.fspath(spec) if not isinstance(spec, (list, tuple)) else ""
+    location = manifest_location(spec) if spec else None
+    return location is not None and not is_remote(location) and os.path.exists(location) and \
+        (os.path.isdir(spec) or spec.endswith(".json"))
+
+
+def load_split_in_memory(directory: str, split: str, *, verify: bool = True, on_error: str = "raise",
                          num_threads: int = 4) -> tuple[Tensor, Tensor]:
     """All of a prepared split: images uint8 [N, C, H, W] and labels long [N], in index order.
 
     For validation / test sets and exemplar banks. With `verify`, each shard's sha256 is checked against
-    the manifest first. Raises ValueError naming the shard on any corrupt, missing or duplicate sample.
+    the manifest first. `on_error="raise"`: ValueError naming the shard on any corrupt, missing or duplicate
+    sample. `on_error="skip"`: unreadable samples stay zero images with label -1 (rows keep their index)
+    and are counted in one warning on logger "bype.data".
     """
     m = load_manifest(directory)
     location = manifest_location(os.fspath(directory))
     entry = split_entry(m, split, location)
     base, shape, n = _manifest_base(location), tuple(m["shape"]), entry["count"]
+    block_size = m.get("block_size") if manifest_layout(m) == "blocks" else None
     images = np.zeros((n, *shape), dtype=np.uint8)
     labels = np.full(n, -1, dtype=np.int64)
     seen = np.zeros(n, dtype=bool)
+    bad: list[str] = []
+
+    def fail(kind: str, message: str) -> None:
+        raise ValueError(message)
 
     def load(shard: dict) -> None:
         path = f"{base}/{shard['name']}"
-        if verify and sha256_file(path) != shard["sha256"]:
-            raise ValueError(f"{path}: sha256 differs from the manifest (corrupt or modified shard)")
         try:
-            for sample in _read_shard(path, expected=shard["count"]):
-                try:
-                    x, y, i = decode_sample(sample, shape)
-                except ValueError as e:
-                    raise ValueError(f"sample {sample['__key__']}: {e}") from e
-                if not 0 <= i < n or seen[i]:
-                    raise ValueError(f"sample {sample['__key__']}: idx {i} out of range or duplicate")
+            if verify and sha256_file(path) != shard["sha256"]:
+                raise ValueError(f"{path}: sha256 differs from the manifest (corrupt or modified shard)")
+            for x, y, i in shard_chunks(path, expected=shard["count"], shape=shape, block_size=block_size,
+                                        report=fail if on_error == "raise" else lambda k, msg: bad.append(msg)):
+                if i.min() < 0 or i.max() >= n or seen[i].any() or len(np.unique(i)) != len(i):
+                    raise ValueError(f"{path}: idx {int(i[0])}..{int(i[-1])} out of range or duplicate")
                 images[i], labels[i], seen[i] = x, y, True
-        except (_ShardError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from e
+        except (_ShardError, ValueError, OSError) as e:
+            if on_error == "raise":
+                raise ValueError(str(e) if str(e).startswith(path) else f"{path}: {e}") from e
+            bad.append(str(e))
 
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
         list(pool.map(load, entry["shards"]))
     if not seen.all():
-        raise ValueError(f"{location}: split {split!r} lacks samples, e.g. idx {int(np.flatnonzero(~seen)[0])}")
+        if on_error == "raise":
+            raise ValueError(f"{location}: split {split!r} lacks samples, e.g. idx {int(np.flatnonzero(~seen)[0])}")
+        log.warning("split %r of %s: %d of %d samples unreadable, kept as zero images with label -1 (%s)",
+                    split, location, int((~seen).sum()), n, "; ".join(bad[:3]) or "missing samples")
     return torch.from_numpy(images), torch.from_numpy(labels)
