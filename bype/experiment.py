@@ -66,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speed", help="a `bype bench speed` speed.json to include (default: the grid's speed:)")
     p.add_argument("--collect-only", action="store_true", help="do not train; only regenerate the page")
     p.add_argument("--dry-run", action="store_true", help="print the run commands and exit")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (default 1)")
 
 
 # --- the grid -------------------------------------------------------------------------------------
@@ -75,6 +76,10 @@ class RunSpec:
     config: Optional[str]  # as written in commands (relative to the working directory when possible)
     overrides: list[str]
     out_dir: str
+    group: str = ""  # the grid row; runs of one row differ only in their seed
+
+    def __post_init__(self):
+        self.group = self.group or self.name
 
     @property
     def run_dir(self) -> str:
@@ -122,9 +127,14 @@ def load_grid(path: str, out_dir: Optional[str], extra: list[str]) -> Grid:
         raise FileNotFoundError(f"{path}: grid file not found") from None
     if not isinstance(data, dict) or not isinstance(data.get("runs"), list) or not data["runs"]:
         raise ValueError(f"{path}: a grid needs a non-empty 'runs:' list")
-    unknown = set(data) - {"title", "out_dir", "overrides", "runs", "speed"}
+    unknown = set(data) - {"title", "out_dir", "overrides", "runs", "speed", "seeds"}
     if unknown:
-        raise ValueError(f"{path}: unknown key {sorted(unknown)[0]!r} (known: title, out_dir, overrides, runs, speed)")
+        raise ValueError(f"{path}: unknown key {sorted(unknown)[0]!r} (known: title, out_dir, overrides, runs, "
+                         "speed, seeds)")
+    seeds = data.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds
+                              or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise ValueError(f"{path}: seeds: expected a non-empty list of integers, got {seeds!r}")
     out = out_dir or data.get("out_dir") or "runs/experiment"
     shared = _as_list(data.get("overrides"), f"{path}: overrides")
     here = os.path.dirname(os.path.abspath(path))
@@ -137,7 +147,11 @@ def load_grid(path: str, out_dir: Optional[str], extra: list[str]) -> Grid:
             raise ValueError(f"{path}: runs[{i}]: unknown key {sorted(unknown)[0]!r} (known: name, config, overrides)")
         config = _relpath(os.path.join(here, r["config"])) if r.get("config") else None
         own = _as_list(r.get("overrides"), f"{path}: runs[{i}].overrides")
-        runs.append(RunSpec(str(r["name"]), config, [*shared, *own, *extra], out))
+        name = str(r["name"])
+        if seeds is None:
+            runs.append(RunSpec(name, config, [*shared, *own, *extra], out))
+        else:  # one run per seed, named NAME-sSEED, grouped into one row of the results
+            runs += [RunSpec(f"{name}-s{x}", config, [*shared, f"seed={x}", *own, *extra], out, name) for x in seeds]
     _check_names(runs)
     return Grid(data.get("title") or os.path.splitext(os.path.basename(path))[0], out, runs,
                 data.get("speed"), path)
@@ -181,29 +195,65 @@ def run_status(run_dir: str) -> str:
     return "missing"
 
 
-def run_grid(grid: Grid) -> list[str]:
-    """Train every unfinished run in order; returns the names of runs that failed."""
+def run_grid(grid: Grid, jobs: int = 1) -> list[str]:
+    """Train every unfinished run, `jobs` at a time; returns the names of runs that failed."""
     failed, durations = [], []
     todo = [r for r in grid.runs if run_status(r.run_dir) != "finished"]
     print(f"experiment: {len(grid.runs)} runs, {len(grid.runs) - len(todo)} already finished, "
-          f"{len(todo)} to train under {grid.out_dir}", flush=True)
+          f"{len(todo)} to train under {grid.out_dir}, {jobs} at a time", flush=True)
+    running: list[tuple[RunSpec, subprocess.Popen, float]] = []
     for i, r in enumerate(todo):
         resume = run_status(r.run_dir) == "partial"
         args = ["train", "--resume", r.run_dir] if resume else r.train_args()
-        eta = f", ETA {(len(todo) - i) * sum(durations) / len(durations) / 60:.0f} min" if durations else ""
+        eta = (f", ETA {(len(todo) - i) * sum(durations) / len(durations) / 60 / jobs:.0f} min"
+               if durations else "")
         print(f"[{i + 1}/{len(todo)}] {'resuming' if resume else 'training'} {r.name}{eta}\n  bype "
               + " ".join(shlex.quote(a) for a in args), flush=True)
         if not resume:
             _write_command(r)
-        t0 = time.time()
-        code = _run_logged([sys.executable, "-m", "bype.cli", *args], os.path.join(r.run_dir, "train.log"))
-        durations.append(time.time() - t0)
-        if code != 0 or run_status(r.run_dir) != "finished":
-            print(f"  {r.name}: failed (exit code {code}); see {os.path.join(r.run_dir, 'train.log')}", flush=True)
-            failed.append(r.name)
-        else:
-            print(f"  {r.name}: finished in {durations[-1] / 60:.1f} min", flush=True)
+        cmd = [sys.executable, "-m", "bype.cli", *args]
+        log_path = os.path.join(r.run_dir, "train.log")
+        if jobs == 1:
+            t0 = time.time()
+            _finish(r, _run_logged(cmd, log_path), time.time() - t0, durations, failed)
+            continue
+        running.append((r, _start_logged(cmd, log_path), time.time()))
+        while len(running) >= jobs:
+            running = _reap(running, durations, failed)
+    while running:
+        running = _reap(running, durations, failed)
     return failed
+
+
+def _reap(running: list, durations: list, failed: list) -> list:
+    """Wait a moment; finish the runs whose process ended and return the ones still running."""
+    time.sleep(2)
+    still = []
+    for r, proc, t0 in running:
+        code = proc.poll()
+        if code is None:
+            still.append((r, proc, t0))
+        else:
+            _finish(r, code, time.time() - t0, durations, failed)
+    return still
+
+
+def _finish(r: RunSpec, code: int, seconds: float, durations: list, failed: list) -> None:
+    durations.append(seconds)
+    if code != 0 or run_status(r.run_dir) != "finished":
+        print(f"  {r.name}: failed (exit code {code}); see {os.path.join(r.run_dir, 'train.log')}", flush=True)
+        failed.append(r.name)
+    else:
+        print(f"  {r.name}: finished in {seconds / 60:.1f} min", flush=True)
+
+
+def _start_logged(cmd: list[str], log_path: str) -> subprocess.Popen:
+    """Start `cmd` in the background with its output appended to `log_path` (parallel runs)."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    log = open(log_path, "a")
+    log.write(f"# {datetime.datetime.now().isoformat(timespec='seconds')}: {' '.join(cmd)}\n")
+    log.flush()
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _write_command(spec: RunSpec) -> None:
@@ -516,7 +566,9 @@ def run(args) -> int:
     if args.dry_run:
         print("\n".join(r.command for r in grid.runs))
         return 0
-    failed = run_grid(grid) if not args.collect_only else []
+    if args.jobs < 1:
+        raise ValueError(f"--jobs: must be >= 1, got {args.jobs}")
+    failed = run_grid(grid, args.jobs) if not args.collect_only else []
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     path = write_results(grid, args.results, command, speed)
     print(f"results: {path}")
