@@ -242,7 +242,7 @@ def fit(loglik: Callable, U: torch.Tensor, w: torch.Tensor, sample_z: Callable, 
     generic evaluation of loglik and data_term (the VAE's decoder path; `fused` only in one process).
     Returns floats: steps, skipped_steps, weight_resets, rolled_back, heldout_<d>_before/_after for d in
     half_var, ess, logmeanexp, w_rel_change, u_mean_abs_change, w_min, w_max, w_ess, weights_at_zero;
-    and `trace`, ½Var(R) at every step.
+    and the lists `trace`, ½Var(R) at every step, and `step_seconds`, the wall time of every step.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"coreset.schedule: {schedule!r} is not one of {', '.join(SCHEDULES)}")
@@ -272,8 +272,9 @@ def fit(loglik: Callable, U: torch.Tensor, w: torch.Tensor, sample_z: Callable, 
 
     before = held_out()
     saved = (U.clone(), w.clone(), adam.state_dict())
-    trace, skipped, resets = [], 0, 0
+    trace, seconds, skipped, resets = [], [], 0, 0
     for j in range(steps):
+        t0 = time.perf_counter()
         g = generator(j)
         z = sample_z(U, w, samples, g)
         if fused is not None and world == 1:
@@ -290,6 +291,7 @@ def fit(loglik: Callable, U: torch.Tensor, w: torch.Tensor, sample_z: Callable, 
         if project_weights(w, n_data):
             resets += 1
             log.warning("coreset: epoch %d step %d: every weight reached 0; reset to N/M", epoch, j)
+        seconds.append(time.perf_counter() - t0)
     after = held_out()
     rolled_back = safeguard and after["half_var"] > before["half_var"]
     if rolled_back:
@@ -303,7 +305,7 @@ def fit(loglik: Callable, U: torch.Tensor, w: torch.Tensor, sample_z: Callable, 
            **{f"heldout_{k}_after": v for k, v in after.items()},
            "w_rel_change": float((w.double() - w0).abs().sum() / w0.abs().sum()),
            "u_mean_abs_change": float((U - saved[0]).abs().mean()),
-           **weight_summary(w), "trace": trace}
+           **weight_summary(w), "trace": trace, "step_seconds": seconds}
     return out
 
 
@@ -367,6 +369,7 @@ class PseudocoresetOptimizer:
         self.step_scale = 1.0
         self.history: list[dict] = []  # one summary per update
         self.trace: list[float] = []  # ½Var(R) at every step of the latest update
+        self.step_seconds: list[float] = []
         log.info("coreset: %s data term, %s gradients, M=%d, S=%d, %d steps every %d epochs, %s steps "
                  "(w %g, U %g)", self.mode, self.grad_path, prior.n_components, self.samples, self.steps, every,
                  schedule, self.lr, self.lr_u)
@@ -429,6 +432,7 @@ class PseudocoresetOptimizer:
                       adam=self.adam, epoch=epoch, safeguard=self.safeguard, step_scale=self.step_scale,
                       pieces=self.pieces, fused=self.fused)
         self.trace = out.pop("trace")
+        self.step_seconds = out.pop("step_seconds")  # benchmarks read it
         self.updates += 1
         self.total_steps += self.steps
         self.rollbacks += int(out["rolled_back"])

@@ -3,6 +3,7 @@
   bype experiment GRID.yaml [key.sub=value ...]            run the grid (finished runs are skipped), collect
   bype experiment --priors gaussian,bype [--config FILE] [key.sub=value ...]
   bype experiment GRID.yaml --collect-only                 only regenerate RESULTS.md from the run dirs
+  bype experiment GRID.yaml --jobs 4                       train up to 4 runs at the same time
 
 A grid file (see configs/experiments/fashion-mnist-priors.yaml):
 
@@ -10,6 +11,9 @@ A grid file (see configs/experiments/fashion-mnist-priors.yaml):
   out_dir: runs/NAME               # run directories are out_dir/<run name>
   overrides: [seed=0, ...]         # applied to every run, before its own
   speed: runs/bench/speed/speed.json   # optional `bype bench speed` output to include
+  seeds: [0, 1]                    # optional: every run once per seed (NAME-sSEED), one row over seeds
+  notes: |                         # optional: what the results show, printed under the title
+    ...
   runs:
     - name: vae-gaussian
       config: ../fashion-mnist/vae-gaussian.yaml   # relative to the grid file
@@ -37,6 +41,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import yaml
+
+from bype.experiment_coreset import coreset_section, seed_table
 
 # Published test log-likelihoods (nats, 40-d latent) of the Exemplar VAE paper (DESIGN section 3).
 PUBLISHED = {
@@ -101,6 +107,7 @@ class Grid:
     runs: list[RunSpec]
     speed: Optional[str] = None
     source: Optional[str] = None  # the grid file
+    notes: str = ""  # the grid's `notes:`, a reading of the results written after they came in
 
 
 def _as_list(value, where: str) -> list[str]:
@@ -127,10 +134,10 @@ def load_grid(path: str, out_dir: Optional[str], extra: list[str]) -> Grid:
         raise FileNotFoundError(f"{path}: grid file not found") from None
     if not isinstance(data, dict) or not isinstance(data.get("runs"), list) or not data["runs"]:
         raise ValueError(f"{path}: a grid needs a non-empty 'runs:' list")
-    unknown = set(data) - {"title", "out_dir", "overrides", "runs", "speed", "seeds"}
+    unknown = set(data) - {"title", "out_dir", "overrides", "runs", "speed", "seeds", "notes"}
     if unknown:
         raise ValueError(f"{path}: unknown key {sorted(unknown)[0]!r} (known: title, out_dir, overrides, runs, "
-                         "speed, seeds)")
+                         "speed, seeds, notes)")
     seeds = data.get("seeds")
     if seeds is not None and (not isinstance(seeds, list) or not seeds
                               or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
@@ -154,7 +161,7 @@ def load_grid(path: str, out_dir: Optional[str], extra: list[str]) -> Grid:
             runs += [RunSpec(f"{name}-s{x}", config, [*shared, f"seed={x}", *own, *extra], out, name) for x in seeds]
     _check_names(runs)
     return Grid(data.get("title") or os.path.splitext(os.path.basename(path))[0], out, runs,
-                data.get("speed"), path)
+                data.get("speed"), path, str(data.get("notes") or "").strip())
 
 
 def priors_grid(priors: str, config: Optional[str], out_dir: Optional[str], extra: list[str]) -> Grid:
@@ -477,6 +484,12 @@ def write_results(grid: Grid, results_path: str, command: str, speed: Optional[s
         return os.path.relpath(p, base)
 
     out = _header(grid, results, command)
+    if grid.notes:
+        out += ["## What it shows", "", grid.notes, ""]
+    by_seed = seed_table(results)
+    if by_seed:
+        out += ["## Over seeds", "", "Runs that differ only in their seed, as one row: mean ± sample standard "
+                "deviation over the finished seeds (n).", "", by_seed, ""]
     out += ["## Summary", "", summary_table(results), "",
             "## Beside the published numbers", "",
             "Published values are test log-likelihoods from the Exemplar VAE paper (40-d latent), copied from "
@@ -489,6 +502,7 @@ def write_results(grid: Grid, results_path: str, command: str, speed: Optional[s
                 "Validation -ELBO (an upper bound on the NLL) against training wall clock; the star is the test NLL "
                 "of the best checkpoint, placed where training reached it.", "",
                 f"![NLL against wall clock]({rel(plots['nll_vs_time'])})", ""]
+    out += coreset_section(results, assets, rel)
     knn = knn_table(results)
     if knn:
         out += ["## kNN accuracy", "", "kNN classification (Euclidean) on encoder means, training split as the "
@@ -585,4 +599,5 @@ def command_line(args, overrides: list[str]) -> str:
         if value and not (flag == "results" and value == "docs/RESULTS.md"):
             parts += [f"--{flag.replace('_', '-')}", value]
     parts += ["--collect-only"] if args.collect_only else []
+    parts += ["--jobs", str(args.jobs)] if getattr(args, "jobs", 1) != 1 and not args.collect_only else []
     return " ".join(shlex.quote(p) for p in parts + overrides)

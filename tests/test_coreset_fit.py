@@ -62,16 +62,23 @@ def _fit(lg, U, w, **kwargs):
 def test_fit_defaults_cut_the_closed_form_kl_to_one_percent(name):
     lg = LinearGaussian(**PROBLEMS[name])
     U, w = lg.init(20)
-    U_ref, w_ref = U.clone(), w.clone()
     start = lg.kl(U, w)
     _fit(lg, U, w)
-    _fit(lg, U_ref, w_ref, schedule="reference")
-    ratio, ratio_ref = lg.kl(U, w) / start, lg.kl(U_ref, w_ref) / start
-    print(f"\n{name}: KL {start:.4g}; after 500 steps: defaults {ratio:.2e} of it, reference schedule {ratio_ref:.2e}")
+    ratio = lg.kl(U, w) / start
+    print(f"\n{name}: KL {start:.4g}; after 500 steps with the defaults {ratio:.2e} of it")
     assert ratio <= 0.01
     assert (w >= 0).all() and abs(float(w.sum()) - lg.n) < 1e-9 * lg.n  # sum(w) = N up to float64 rounding
-    if name == "large":  # a weight step of 0.5 / (j + 1) cannot cover N/M = 5000
-        assert ratio_ref > 0.1 > 10 * ratio
+
+
+def test_reference_schedule_cannot_move_large_weights():
+    # N/M = 5000: a weight step of 0.5 / (j + 1) covers 3.4 in 500 steps, so half the KL is left.
+    lg = LinearGaussian(**PROBLEMS["large"])
+    U, w = lg.init(20)
+    start = lg.kl(U, w)
+    _fit(lg, U, w, schedule="reference")
+    ratio = lg.kl(U, w) / start
+    print(f"\nlarge: KL {start:.4g}; after 500 steps with the reference schedule {ratio:.2e} of it")
+    assert ratio > 0.1
 
 
 def test_half_var_is_the_kl_when_the_residual_is_gaussian():
