@@ -23,6 +23,7 @@ Runs execute one after another as `bype train` subprocesses (each logs to RUN_DI
 with report.json is finished and skipped; one with last.pt but no report is resumed; so the command can
 be re-run after an interruption. The collected page (tables, plots and pictures under results/ beside it)
 embeds the command line of every run and the published Exemplar VAE numbers, marked as published.
+Plots and pictures go to results/<basename of out_dir>/ beside the page.
 """
 from __future__ import annotations
 
@@ -477,7 +478,8 @@ def write_results(grid: Grid, results_path: str, command: str, speed: Optional[s
     """Collect every run of the grid into `results_path` (plots and pictures under results/ beside it)."""
     results = [collect_run(r) for r in grid.runs]
     base = os.path.dirname(os.path.abspath(results_path))
-    assets = os.path.join(base, "results")
+    # One folder per grid (named after its out_dir), so pages of different grids keep their own plots.
+    assets = os.path.join(base, "results", os.path.basename(os.path.normpath(grid.out_dir)))
     os.makedirs(assets, exist_ok=True)
 
     def rel(p: str) -> str:

@@ -82,4 +82,6 @@ def test_sharded_update_matches_one_process(tmp_path, world):
               f"max |Δw|/w {float(((w - w1).abs() / w1.clamp_min(1e-12)).max()):.2e}")
         torch.testing.assert_close(U, U1, atol=ATOL, rtol=0)
         torch.testing.assert_close(w, w1, atol=0, rtol=ATOL)
-        assert obj == pytest.approx(obj1, rel=ATOL), key
+        # ½Var(R) magnifies them: R = data term - w @ A, two ~1e5-nat terms, so 4e-5 relative in w moves R
+        # by a few nats (measured 1.7e-4 relative in ½Var at W = 2).
+        assert obj == pytest.approx(obj1, rel=1e-3), key
