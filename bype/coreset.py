@@ -6,10 +6,11 @@ with the residual R(z) = sum_n f(x_n, z) - sum_m w_m f(u_m, z):
 
     grad_w   = -Cov[f(U, z), R(z)]            grad_u_m = -w_m Cov[grad_u f(u_m, z), R(z)]
 
-`kl_gradients` is the Monte Carlo estimate for any differentiable log-likelihood; `PseudocoresetOptimizer`
-runs the update inside training: z from the mixture prior, the data term exact from sufficient statistics
-where the likelihood has them, closed-form (or fused-kernel) gradients, Adam, projection onto the
-constraints w >= 0, sum(w) = N, U in the data domain.
+`kl_gradients` is the Monte Carlo estimate for any differentiable log-likelihood; `fit` is the optimiser on
+its own (scale-aware Adam steps, projection onto w >= 0, sum(w) = N, U in a domain, held-out diagnostics
+and a rollback safeguard, samples sharded over ranks); `PseudocoresetOptimizer` calls it inside training:
+z from the mixture prior, the data term exact from sufficient statistics where the likelihood has them,
+closed-form (or fused-kernel) gradients.
 """
 from __future__ import annotations
 
@@ -137,8 +138,9 @@ def gradient_path(likelihood) -> str:
 
 
 def kl_estimate(residual: torch.Tensor) -> float:
-    """KL(pi_Uw || pi_X) from samples of pi_Uw: pi_X ∝ e^R pi_Uw, so KL = log E[e^R] - E[R] exactly;
-    estimated with the same samples (invariant to a constant shift of R, so R~ will do)."""
+    """The log-mean-exp estimate of KL(pi_Uw || pi_X) from samples of pi_Uw: pi_X ∝ e^R pi_Uw, so
+    KL = log E[e^R] - E[R] exactly; estimated with the same samples (invariant to a constant shift of R).
+    Biased low and capped near max R - mean R - log S (coreset_estimate.diagnostics, `logmeanexp`)."""
     R = residual.double()
     return float(torch.logsumexp(R, 0) - math.log(R.shape[0]) - R.mean())
 
@@ -248,7 +250,7 @@ def fit(loglik: Callable, U: torch.Tensor, w: torch.Tensor, sample_z: Callable, 
         raise ValueError(f"coreset.schedule: {schedule!r} is not one of {', '.join(SCHEDULES)}")
     if samples < 2:
         raise ValueError(f"coreset.samples: a covariance needs at least 2 samples, got {samples}")
-    _check_shapes(U, w, samples, torch.zeros(samples))
+    _check_shapes(U, w, samples, torch.zeros(samples))  # U [M, D], w [M]
     d_lr_w, d_lr_u = DEFAULT_STEPS[schedule]
     lr_w = (d_lr_w if lr_w is None else lr_w) * step_scale
     lr_u = (d_lr_u if lr_u is None else lr_u) * step_scale

@@ -6,7 +6,6 @@ The worker runs `fit` on the linear-Gaussian model and two updates of the VAE's 
 rank (the trainer's hash check) and saves rank 0's results.
 """
 import subprocess
-import sys
 
 import pytest
 import torch

@@ -54,7 +54,7 @@ PROBLEMS = {"small": dict(n=1000, d=3, scale=1.0, t=1.0), "large": dict(n=100_00
 
 
 def _fit(lg, U, w, **kwargs):
-    kwargs = {"steps": 500, "samples": 64, "safeguard": False} | kwargs
+    kwargs = {"steps": 500, "samples": 32, "safeguard": False} | kwargs
     return fit(lg.loglik, U, w, lg.sample_z, lg.data_term, n_data=lg.n, **kwargs)
 
 
