@@ -27,6 +27,7 @@ from torch import nn
 from bype.coreset_data import build_data_term, resolve_mode
 from bype.coreset_estimate import (Estimate, Pieces, diagnostics, estimate, loglik_pieces, process_group,
                                    residual, shard_range, weight_summary)
+from bype.dist import all_reduce_sum
 from bype.models.vae import reparameterize
 
 log = logging.getLogger("bype")
@@ -390,9 +391,21 @@ class PseudocoresetOptimizer:
     def sample_z(self, U: torch.Tensor, w: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
         """Algorithm 1, steps 1-2: m ~ Cat(w / N), z ~ N(mu(u_m), s2 I)."""
         pick = torch.multinomial(w / w.sum(), n, replacement=True, generator=generator)
-        mu = self.model.encode_flat(U)[0][pick]
+        mu = self.component_means(U)[pick]
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return mu + eps * torch.exp(0.5 * self.prior.log_var)
+
+    def component_means(self, U: torch.Tensor) -> torch.Tensor:
+        """mu(u_m) [M, d]; under torch.distributed each rank encodes its share of the rows and an all-reduce
+        of the zero-padded [M, d] gathers them (exact: every slot is one value plus zeros)."""
+        rank, world = process_group()
+        if world == 1:
+            return self.model.encode_flat(U)[0]
+        lo, hi = shard_range(U.shape[0], rank, world)
+        mine = self.model.encode_flat(U[lo:hi])[0]
+        out = torch.zeros(U.shape[0], mine.shape[1], device=mine.device, dtype=mine.dtype)
+        out[lo:hi] = mine
+        return all_reduce_sum(out)
 
     def decode(self, z: torch.Tensor, lo: int, hi: int, generator: torch.Generator) -> torch.Tensor:
         """Decoder outputs [hi - lo, P, D] of samples z[lo:hi]. A two-level model's z1 noise is drawn for

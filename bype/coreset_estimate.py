@@ -2,10 +2,10 @@
 
 Every rank draws the same S samples z and evaluates only its share z[lo:hi] (`shard_range`): the
 log-likelihoods A [M, S/W] of the pseudodata, the data term and the contraction with the residual.
-Two all-reduces complete the sums: the first (float64) gives the sample means of A and the whole
-residual vector R [S], so every rank centres with the global means; the second (float64) sums the
-rank's shares of the covariances grad_w = -Cov[f(U, z), R] and grad_U = -w Cov[grad_u f, R]. One
-process skips both collectives and gets bit-for-bit the same formula.
+All-reduces complete the sums: the first (float64) gives the sample means of A and the whole residual
+vector R [S], so every rank centres with the global means; then each rank's shares of the covariances
+grad_w = -Cov[f(U, z), R] (float64) and grad_U = -w Cov[grad_u f, R] (U's dtype) are summed. One
+process skips the collectives and gets the same formula.
 
 Diagnostics of the residual R(z) = sum_n f(x_n, z) - sum_m w_m f(u_m, z) over z ~ pi_Uw, where
 KL(pi_Uw || pi_X) = log E[e^R] - E[R]:
@@ -69,11 +69,11 @@ def estimate(pieces: Pieces, U: torch.Tensor, w: torch.Tensor, lo: int, n_sample
     """grad_U, grad_w (unbiased covariances, 1/(S-1)) and R~ from this rank's `pieces`."""
     R_c, A_mean = residual(pieces, w, lo, n_samples)
     mine = R_c[lo:lo + pieces.A.shape[1]]
-    grad_w = -((pieces.A - A_mean[:, None]) @ mine)
-    grad_U = -(w.detach()[:, None] * pieces.contract(mine.to(U.dtype))).double()
-    flat = all_reduce_sum(torch.cat([grad_U.flatten(), grad_w])) / (n_samples - 1)
-    M, D = U.shape
-    return Estimate(flat[:M * D].view(M, D).to(U.dtype), flat[M * D:].to(w.dtype), R_c)
+    # grad_w's shares are covariances that can cancel between ranks: float64. grad_U's shares are summed
+    # in U's dtype (M x D values: half the bytes of float64, one rounding per rank).
+    grad_w = all_reduce_sum(-((pieces.A - A_mean[:, None]) @ mine)) / (n_samples - 1)
+    grad_U = all_reduce_sum(-(w.detach()[:, None] * pieces.contract(mine.to(U.dtype))).to(U.dtype)) / (n_samples - 1)
+    return Estimate(grad_U, grad_w.to(w.dtype), R_c)
 
 
 def loglik_pieces(loglik: Callable, data_term: Callable, U: torch.Tensor, z: torch.Tensor,

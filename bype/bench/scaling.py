@@ -11,8 +11,8 @@ first epoch is warm-up and is dropped when there are more. Per process count:
 
 - step samples/s: global batch x steps / time in the training steps (forward, backward, all-reduce, update);
 - epoch samples/s: the same over the whole epoch with validation but without the coreset update;
-- coreset s: one update (every rank computes it in full with the exact data term: it does not shrink
-  with more ranks, and on a CPU each rank has fewer threads for it);
+- coreset s: one update (each rank evaluates its S / W share of the samples and the sums are
+  all-reduced, docs/CORESET.md; on a CPU each rank also has fewer threads);
 - coreset share: update / (every x epoch + update), the fraction of wall time at coreset.every=k.
 
 The cores are split between the processes (OMP_NUM_THREADS = cores / P unless --threads), so 1 process
