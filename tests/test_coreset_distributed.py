@@ -16,8 +16,9 @@ from test_distributed import TORCHRUN, dist_env, ROOT
 
 pytestmark = pytest.mark.dist
 
-# float32 decoder outputs and sums in another order (and one process uses the fused kernel, ranks the
-# closed form): measured differences ~1e-6 after 2 updates; 1e-4 as issue 11 sets it.
+# float32 decoder outputs and sums in another order (one process uses the fused kernel, ranks the closed
+# form), amplified by Adam's normalised steps: measured after 2 updates up to 5.7e-5 in U and 4.9e-5
+# relative in w (exact data term), 6e-6 (minibatch), 6e-14 (float64 linear-Gaussian); 1e-4 as issue 11 sets.
 ATOL = 1e-4
 MODES = ("exact", "minibatch")
 
