@@ -235,8 +235,9 @@ def fit(loglik: Callable, U: torch.Tensor, w: torch.Tensor, sample_z: Callable, 
     draws from pi_Uw; `data_term(z [S, d]) -> [S]` = sum_n loglik(x_n, z). `steps` Adam steps of `samples`
     draws each, step j's draws from a generator seeded by (seed, epoch, j); w stays >= 0 with sum n_data,
     U inside `domain` (lo, hi) when given. `schedule`: "scaled" (default, scale-free) or "reference";
-    `lr_w`, `lr_u` default per schedule (DEFAULT_STEPS), both times `step_scale`. Under torch.distributed every rank passes the
-    same arguments and evaluates its share of the samples (coreset_estimate); U, w end identical.
+    `lr_w`, `lr_u` default per schedule (DEFAULT_STEPS), both times `step_scale`. Under torch.distributed
+    every rank passes the same arguments and evaluates its share of the samples (coreset_estimate); U, w
+    end identical on every rank.
 
     Before and after the steps the objective ½Var(R) is estimated on held-out draws (a generator of its
     own, the same random numbers before and after); with `safeguard` an update that leaves it worse is
@@ -296,7 +297,8 @@ def fit(loglik: Callable, U: torch.Tensor, w: torch.Tensor, sample_z: Callable, 
             log.warning("coreset: epoch %d step %d: every weight reached 0; reset to N/M", epoch, j)
         seconds.append(time.perf_counter() - t0)
     after = held_out()
-    rolled_back = safeguard and after["half_var"] > before["half_var"]
+    # Worse, or not a number after the update (a NaN compares false): roll back.
+    rolled_back = safeguard and not after["half_var"] <= before["half_var"]
     if rolled_back:
         U.copy_(saved[0])
         w.copy_(saved[1])
@@ -313,8 +315,9 @@ def fit(loglik: Callable, U: torch.Tensor, w: torch.Tensor, sample_z: Callable, 
 
 
 # --- the optimiser inside training --------------------------------------------------------------------
-def step_seed(seed: int, epoch: int, step: int) -> int:
-    """A 63-bit seed from (seed, epoch, step), the same in every process (unlike Python's str hash)."""
+def step_seed(seed: int, epoch: int, step) -> int:
+    """A 63-bit seed from (seed, epoch, step), the same in every process (unlike Python's str hash);
+    `step` an int, or a name such as "held-out"."""
     digest = hashlib.blake2b(f"bype-coreset/{seed}/{epoch}/{step}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
@@ -454,7 +457,8 @@ class PseudocoresetOptimizer:
         out["step_scale"] = self.step_scale
         self.step_scale = STEP_SHRINK * self.step_scale if out["rolled_back"] else min(1.0, STEP_GROW * self.step_scale)
         seconds = time.perf_counter() - t0
-        result = {**out, "rollbacks": float(self.rollbacks), "seconds": seconds, "seconds_per_step": seconds / self.steps,
+        result = {**out, "rollbacks": float(self.rollbacks), "seconds": seconds,
+                  "seconds_per_step": seconds / self.steps,
                   "data_term_exact": float(self.mode == "exact"), "active": float((prior.w > 0).sum())}
         self.history.append({"epoch": epoch, **result})
         if out["skipped_steps"]:

@@ -64,11 +64,11 @@ def coreset_table(results: list) -> Optional[str]:
         m = r.config.get("prior", {}).get("components", "?")
         s = r.config.get("coreset", {}).get("samples") or m
         du = statistics.mean(u["coreset_u_mean_abs_change"] for u in ups)
-        lines.append(f"| {r.spec.name} | {len(ups)} ({sum(int(u['coreset_rolled_back']) for u in ups)}) "
-                     f"| {first['coreset_heldout_half_var_before']:.4g} -> {last['coreset_heldout_half_var_after']:.4g} "
-                     f"| {last['coreset_heldout_ess_after']:.1f} of {s} "
-                     f"| {last['coreset_w_min']:.3g} .. {last['coreset_w_max']:.3g} | {last['coreset_w_ess']:.1f} of {m} "
-                     f"| {du:.4f} |")
+        rolled = sum(int(u["coreset_rolled_back"]) for u in ups)
+        lines.append(f"| {r.spec.name} | {len(ups)} ({rolled}) | {first['coreset_heldout_half_var_before']:.4g} -> "
+                     f"{last['coreset_heldout_half_var_after']:.4g} | {last['coreset_heldout_ess_after']:.1f} of {s} "
+                     f"| {last['coreset_w_min']:.3g} .. {last['coreset_w_max']:.3g} "
+                     f"| {last['coreset_w_ess']:.1f} of {m} | {du:.4f} |")
     return "\n".join(lines)
 
 
