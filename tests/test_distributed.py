@@ -92,7 +92,8 @@ def assert_close(got: dict, want: dict, what: str) -> None:
     assert got.keys() == want.keys()
     for k in want:
         diff = (got[k].double() - want[k].double()).abs().max().item()
-        assert diff <= ATOL, f"{what}: {k} differs by {diff:.3g}"
+        scale = max(1.0, want[k].double().abs().max().item())  # relative for large entries (w ~ N/M = 20)
+        assert diff <= ATOL * scale, f"{what}: {k} differs by {diff:.3g}"
 
 
 def one_process(tmp_path, name: str, epochs: list[int], *overrides) -> tuple[list[dict], list[dict]]:
