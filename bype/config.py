@@ -71,10 +71,10 @@ class CoresetConfig:
     samples: Optional[int] = None  # z samples per step (S); default M
     batch_size: int = 100  # data minibatch per step (minibatch data term)
     steps: Optional[int] = None  # steps per update; default N / batch_size
-    lr: float = 0.5  # Adam step on the weights: lr / (j + 1), as in the reference
-    # Adam step on the pseudodata: Adam moves every pixel by about lr_u on its first step, so the
-    # reference's 0.5 (shared with w, whose scale is N/M) throws U across [0, 1] and the KL rises.
-    lr_u: float = 0.05
+    schedule: str = "scaled"  # scaled: Adam on log w and on U in units of the data range | reference
+    lr: Optional[float] = None  # step on w: scaled 0.05 (on log w), reference 0.5 / (j + 1) (docs/CORESET.md)
+    lr_u: Optional[float] = None  # step on U: scaled 0.01 x data range, reference 0.05 / (j + 1)
+    safeguard: bool = True  # roll back an update that leaves the held-out ½Var(R) worse
     data_term: str = "auto"  # auto | exact | minibatch
 
 
@@ -146,6 +146,7 @@ CHOICES = {
     "model.likelihood": ("bernoulli", "logistic", "gaussian"),
     "prior.kind": ("gaussian", "vampprior", "exemplar", "bype"),
     "coreset.data_term": ("auto", "exact", "minibatch"),
+    "coreset.schedule": ("scaled", "reference"),
     "train.optimizer": ("normalized_adam", "adam"),
     "train.compile_mode": ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "dist.engine": ("none", "ddp", "deepspeed"),
@@ -306,14 +307,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be {bound}, got {value!r}")
 
     for key in ("train.epochs", "train.batch_size", "train.lr", "model.latent_dim", "model.hidden",
-                "prior.components", "coreset.every", "coreset.batch_size", "coreset.lr", "coreset.lr_u",
+                "prior.components", "coreset.every", "coreset.batch_size",
                 "eval.is_samples", "eval.is_batch", "eval.memory_mb", "train.log_every", "model.gaussian_std",
                 "data.stream.shuffle_buffer"):
         positive(key)
     for key in ("train.warmup_epochs", "train.patience", "data.num_workers", "prior.exemplar.subset",
                 "prior.exemplar.knn", "eval.n_samples_grid"):
         positive(key, allow_zero=True)
-    for key in ("coreset.samples", "coreset.steps", "train.max_minutes", "data.train_limit",
+    for key in ("coreset.samples", "coreset.steps", "coreset.lr", "coreset.lr_u", "train.max_minutes", "data.train_limit",
                 "data.eval_limit", "data.stream.samples_per_epoch", "train.grad_clip"):
         positive(key, allow_none=True)
     if cfg.coreset.samples is not None and cfg.coreset.samples < 2:

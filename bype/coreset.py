@@ -6,10 +6,11 @@ with the residual R(z) = sum_n f(x_n, z) - sum_m w_m f(u_m, z):
 
     grad_w   = -Cov[f(U, z), R(z)]            grad_u_m = -w_m Cov[grad_u f(u_m, z), R(z)]
 
-`kl_gradients` is the Monte Carlo estimate for any differentiable log-likelihood; `PseudocoresetOptimizer`
-runs the update inside training: z from the mixture prior, the data term exact from sufficient statistics
-where the likelihood has them, closed-form (or fused-kernel) gradients, Adam, projection onto the
-constraints w >= 0, sum(w) = N, U in the data domain.
+`kl_gradients` is the Monte Carlo estimate for any differentiable log-likelihood; `fit` is the optimiser on
+its own (scale-aware Adam steps, projection onto w >= 0, sum(w) = N, U in a domain, held-out diagnostics
+and a rollback safeguard, samples sharded over ranks); `PseudocoresetOptimizer` calls it inside training:
+z from the mixture prior, the data term exact from sufficient statistics where the likelihood has them,
+closed-form (or fused-kernel) gradients.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ import torch
 from torch import nn
 
 from bype.coreset_data import build_data_term, resolve_mode
+from bype.coreset_estimate import (Estimate, Pieces, diagnostics, estimate, loglik_pieces, process_group,
+                                   residual, shard_range, weight_summary)
+from bype.dist import all_reduce_sum
+from bype.models.vae import reparameterize
 
 log = logging.getLogger("bype")
 
@@ -134,8 +139,9 @@ def gradient_path(likelihood) -> str:
 
 
 def kl_estimate(residual: torch.Tensor) -> float:
-    """KL(pi_Uw || pi_X) from samples of pi_Uw: pi_X ∝ e^R pi_Uw, so KL = log E[e^R] - E[R] exactly;
-    estimated with the same samples (invariant to a constant shift of R, so R~ will do)."""
+    """The log-mean-exp estimate of KL(pi_Uw || pi_X) from samples of pi_Uw: pi_X ∝ e^R pi_Uw, so
+    KL = log E[e^R] - E[R] exactly; estimated with the same samples (invariant to a constant shift of R).
+    Biased low and capped near max R - mean R - log S (coreset_estimate.diagnostics, `logmeanexp`)."""
     R = residual.double()
     return float(torch.logsumexp(R, 0) - math.log(R.shape[0]) - R.mean())
 
@@ -190,9 +196,128 @@ class Adam:
         self.t = int(state["t"])
 
 
-# --- the optimiser --------------------------------------------------------------------------------
-def step_seed(seed: int, epoch: int, step: int) -> int:
-    """A 63-bit seed from (seed, epoch, step), the same in every process (unlike Python's str hash)."""
+# --- step sizes -----------------------------------------------------------------------------------
+SCHEDULES = ("scaled", "reference")
+# (step on w, step on U) per schedule. scaled: Adam on log w (a step of lr_w changes a weight by about
+# lr_w x 100 %, whatever N/M is) and on U in units of the data's range, both cosine-decayed to 0 over an
+# update's steps (measured in docs/CORESET.md); reference: the reference code's lr / (j + 1) on w and U.
+DEFAULT_STEPS = {"scaled": (0.05, 0.01), "reference": (0.5, 0.05)}
+STEP_SHRINK, STEP_GROW = 0.1, 2.0  # the optimiser's trust factor after a rolled-back / an accepted update
+
+
+def step_sizes(schedule: str, lr_w: float, lr_u: float, j: int, steps: int) -> tuple[float, float]:
+    """(step on w or log w, step on U) at step j of `steps`."""
+    if schedule == "reference":
+        return lr_w / (j + 1), lr_u / (j + 1)
+    decay = 0.5 * (1.0 + math.cos(math.pi * j / steps))
+    return lr_w * decay, lr_u * decay
+
+
+def _adam_step(adam: Adam, U: torch.Tensor, w: torch.Tensor, est: Estimate, schedule: str, lrs: tuple) -> None:
+    if schedule == "reference":
+        adam.step({"U": U, "w": w}, {"U": est.grad_U, "w": est.grad_w}, {"U": lrs[1], "w": lrs[0]})
+        return
+    # d KL / d log w_m = w_m d KL / d w_m; a weight at 0 stays there (log 0 = -inf, exp(-inf) = 0).
+    log_w = w.log()
+    adam.step({"U": U, "w": log_w}, {"U": est.grad_U, "w": est.grad_w * w}, {"U": lrs[1], "w": lrs[0]})
+    w.copy_(log_w.exp())
+
+
+# --- fit --------------------------------------------------------------------------------------------
+def fit(loglik: Callable, U: torch.Tensor, w: torch.Tensor, sample_z: Callable, data_term: Callable, *,
+        n_data: float, steps: int, samples: int, seed: int = 0, schedule: str = "scaled",
+        lr_w: Optional[float] = None, lr_u: Optional[float] = None, domain: Optional[tuple] = None,
+        adam: Optional[Adam] = None, epoch: int = 0, safeguard: bool = True, step_scale: float = 1.0,
+        pieces: Optional[Callable] = None, fused: Optional[Callable] = None) -> dict:
+    """Fit the pseudocoreset (U [M, D], w [M]) to the data behind `data_term`, in place.
+
+    `loglik(x [n, D], z [S, d]) -> [n, S]` differentiable in x; `sample_z(U, w, S, generator) -> [S, d]`
+    draws from pi_Uw; `data_term(z [S, d]) -> [S]` = sum_n loglik(x_n, z). `steps` Adam steps of `samples`
+    draws each, step j's draws from a generator seeded by (seed, epoch, j); w stays >= 0 with sum n_data,
+    U inside `domain` (lo, hi) when given. `schedule`: "scaled" (default, scale-free) or "reference";
+    `lr_w`, `lr_u` default per schedule (DEFAULT_STEPS), both times `step_scale`. Under torch.distributed
+    every rank passes the same arguments and evaluates its share of the samples (coreset_estimate); U, w
+    end identical on every rank.
+
+    Before and after the steps the objective ½Var(R) is estimated on held-out draws (a generator of its
+    own, the same random numbers before and after); with `safeguard` an update that leaves it worse is
+    undone (U, w and the Adam moments restored). `adam` carries the moments across calls. `pieces(U, z,
+    lo, hi, generator, with_grad)` and `fused(U, w, z, generator) -> (grad_U, grad_w, R~)` replace the
+    generic evaluation of loglik and data_term (the VAE's decoder path; `fused` only in one process).
+    Returns floats: steps, skipped_steps, weight_resets, rolled_back, heldout_<d>_before/_after for d in
+    half_var, ess, logmeanexp, w_rel_change, u_mean_abs_change, w_min, w_max, w_ess, weights_at_zero;
+    and the lists `trace`, ½Var(R) at every step, and `step_seconds`, the wall time of every step.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"coreset.schedule: {schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if samples < 2:
+        raise ValueError(f"coreset.samples: a covariance needs at least 2 samples, got {samples}")
+    _check_shapes(U, w, samples, torch.zeros(samples))  # U [M, D], w [M]
+    d_lr_w, d_lr_u = DEFAULT_STEPS[schedule]
+    lr_w = (d_lr_w if lr_w is None else lr_w) * step_scale
+    lr_u = (d_lr_u if lr_u is None else lr_u) * step_scale
+    if schedule == "scaled":  # U's steps in units of the domain (or, without one, of the data's range)
+        width = (domain[1] - domain[0]) if domain is not None else float(U.max() - U.min())
+        lr_u *= width if math.isfinite(width) and width > 0 else 1.0
+    adam = adam or Adam({"U": U.shape, "w": w.shape}, U.device, U.dtype)
+    rank, world = process_group()
+    lo, hi = shard_range(samples, rank, world)
+    if pieces is None:
+        def pieces(U_, z, lo_, hi_, g, with_grad):
+            return loglik_pieces(loglik, data_term, U_, z[lo_:hi_], with_grad)
+
+    def generator(step) -> torch.Generator:
+        return torch.Generator(device=U.device).manual_seed(step_seed(seed, epoch, step))
+
+    def held_out() -> dict:
+        g = generator("held-out")
+        z = sample_z(U, w, samples, g)
+        return diagnostics(residual(pieces(U, z, lo, hi, g, False), w, lo, samples)[0])
+
+    before = held_out()
+    saved = (U.clone(), w.clone(), adam.state_dict())
+    trace, seconds, skipped, resets = [], [], 0, 0
+    for j in range(steps):
+        t0 = time.perf_counter()
+        g = generator(j)
+        z = sample_z(U, w, samples, g)
+        if fused is not None and world == 1:
+            est = Estimate(*fused(U, w, z, g))
+        else:
+            est = estimate(pieces(U, z, lo, hi, g, True), U, w, lo, samples)
+        trace.append(0.5 * float(est.R.var()))
+        if not (torch.isfinite(est.grad_U).all() and torch.isfinite(est.grad_w).all()):
+            skipped += 1  # a non-finite gradient would poison U, w and the Adam moments
+            continue
+        _adam_step(adam, U, w, est, schedule, step_sizes(schedule, lr_w, lr_u, j, steps))
+        if domain is not None:
+            project_pseudodata(U, domain)
+        if project_weights(w, n_data):
+            resets += 1
+            log.warning("coreset: epoch %d step %d: every weight reached 0; reset to N/M", epoch, j)
+        seconds.append(time.perf_counter() - t0)
+    after = held_out()
+    # Worse, or not a number after the update (a NaN compares false): roll back.
+    rolled_back = safeguard and not after["half_var"] <= before["half_var"]
+    if rolled_back:
+        U.copy_(saved[0])
+        w.copy_(saved[1])
+        adam.load_state_dict(saved[2])
+    w0 = saved[1].double()
+    out = {"steps": float(steps), "skipped_steps": float(skipped), "weight_resets": float(resets),
+           "rolled_back": float(rolled_back),
+           **{f"heldout_{k}_before": v for k, v in before.items()},
+           **{f"heldout_{k}_after": v for k, v in after.items()},
+           "w_rel_change": float((w.double() - w0).abs().sum() / w0.abs().sum()),
+           "u_mean_abs_change": float((U - saved[0]).abs().mean()),
+           **weight_summary(w), "trace": trace, "step_seconds": seconds}
+    return out
+
+
+# --- the optimiser inside training --------------------------------------------------------------------
+def step_seed(seed: int, epoch: int, step) -> int:
+    """A 63-bit seed from (seed, epoch, step), the same in every process (unlike Python's str hash);
+    `step` an int, or a name such as "held-out"."""
     digest = hashlib.blake2b(f"bype-coreset/{seed}/{epoch}/{step}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
@@ -210,115 +335,150 @@ def frozen(model: nn.Module):
 
 
 class PseudocoresetOptimizer:
-    """Algorithm 2: every `every` epochs, `steps` Adam steps on (U, w) of the model's ByPE prior."""
+    """Algorithm 2: every `every` epochs, `fit` runs `steps` Adam steps on (U, w) of the model's ByPE prior
+    with the VAE frozen; z from the mixture prior, the data term exact from sufficient statistics where
+    the likelihood has them, gradients from the fused kernel or the closed form in one process, the
+    samples sharded over ranks under DDP / DeepSpeed."""
 
     def __init__(self, model: nn.Module, data, *, every: int = 10, steps: Optional[int] = None,
-                 samples: Optional[int] = None, batch_size: int = 100, lr: float = 0.5, lr_u: float = 0.05,
+                 samples: Optional[int] = None, batch_size: int = 100, lr: Optional[float] = None,
+                 lr_u: Optional[float] = None, schedule: str = "scaled", safeguard: bool = True,
                  data_term: str = "auto", seed: int = 0, ctx=None, grad_path: str = "auto"):
         prior = model.prior
         if getattr(prior, "kind", None) != "bype":
             raise ValueError(f"prior.kind: the pseudocoreset optimiser needs the bype prior, got {prior.kind!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"coreset.schedule: {schedule!r} is not one of {', '.join(SCHEDULES)}")
         self.model, self.prior, self.likelihood = model, prior, model.likelihood
         self.n_data = int(data.n_train)
-        self.every, self.lr, self.lr_u, self.seed = every, lr, lr_u, seed
+        self.every, self.seed, self.schedule, self.safeguard = every, seed, schedule, safeguard
+        self.lr = DEFAULT_STEPS[schedule][0] if lr is None else lr
+        self.lr_u = DEFAULT_STEPS[schedule][1] if lr_u is None else lr_u
         self.steps = steps or max(1, self.n_data // batch_size)
         self.samples = samples or prior.n_components
         if self.samples < 2:
             raise ValueError(f"coreset.samples: needs at least 2 samples for a covariance, got {self.samples}")
         self.device = prior.U.device
         self.mode = resolve_mode(data_term, self.likelihood, model.data_dim)
-        rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
-        self.data_term = build_data_term(self.mode, self.likelihood, data, model.data_dim, batch_size,
-                                         self.device, rank, world)
+        # The samples, not the data rows, are what ranks share: each rank's data term covers all rows.
+        self.data_term = build_data_term(self.mode, self.likelihood, data, model.data_dim, batch_size, self.device)
         if grad_path not in GRAD_PATHS:
             raise ValueError(f"grad_path: {grad_path!r} is not one of {', '.join(GRAD_PATHS)}")
         self.grad_path = gradient_path(self.likelihood) if grad_path == "auto" else grad_path
         self.adam = Adam({"U": prior.U.shape, "w": prior.w.shape}, self.device, prior.U.dtype)
         self.updates = 0
         self.total_steps = 0
+        self.rollbacks = 0
+        # Trust factor on both step sizes: a rolled-back update shrinks it, an accepted one grows it back
+        # towards 1, so the steps settle where the likelihood's own scale wants them (a discretised
+        # logistic needs U steps ~100x smaller than a Bernoulli: docs/CORESET.md).
+        self.step_scale = 1.0
         self.history: list[dict] = []  # one summary per update
-        self.trace: list[float] = []  # the KL estimate at every step of the latest update
+        self.trace: list[float] = []  # ½Var(R) at every step of the latest update
         self.step_seconds: list[float] = []
-        log.info("coreset: %s data term, %s gradients, M=%d, S=%d, %d steps every %d epochs, "
-                 "step sizes w %g/(j+1), U %g/(j+1)", self.mode, self.grad_path, prior.n_components,
-                 self.samples, self.steps, every, lr, lr_u)
+        log.info("coreset: %s data term, %s gradients, M=%d, S=%d, %d steps every %d epochs, %s steps "
+                 "(w %g, U %g)", self.mode, self.grad_path, prior.n_components, self.samples, self.steps, every,
+                 schedule, self.lr, self.lr_u)
 
     @classmethod
     def from_config(cls, cfg, model: nn.Module, data, ctx) -> "PseudocoresetOptimizer":
         c = cfg.coreset
         return cls(model, data, every=c.every, steps=c.steps, samples=c.samples, batch_size=c.batch_size,
-                   lr=c.lr, lr_u=c.lr_u, data_term=c.data_term, seed=cfg.seed, ctx=ctx)
+                   lr=c.lr, lr_u=c.lr_u, schedule=c.schedule, safeguard=c.safeguard, data_term=c.data_term,
+                   seed=cfg.seed, ctx=ctx)
 
     def due(self, epoch: int) -> bool:
         return epoch % self.every == 0
 
-    # --- one step ---------------------------------------------------------------------------------
-    def _generator(self, epoch: int, step: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(step_seed(self.seed, epoch, step))
-
-    def sample_z(self, generator: torch.Generator) -> torch.Tensor:
+    # --- what `fit` evaluates -----------------------------------------------------------------------
+    def sample_z(self, U: torch.Tensor, w: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
         """Algorithm 1, steps 1-2: m ~ Cat(w / N), z ~ N(mu(u_m), s2 I)."""
-        prior = self.prior
-        pick = torch.multinomial(prior.w / prior.w.sum(), self.samples, replacement=True, generator=generator)
-        mu = self.model.encode_flat(prior.U)[0][pick]
+        pick = torch.multinomial(w / w.sum(), n, replacement=True, generator=generator)
+        mu = self.component_means(U)[pick]
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-        return mu + eps * torch.exp(0.5 * prior.log_var)
+        return mu + eps * torch.exp(0.5 * self.prior.log_var)
 
-    def _evaluate(self, epoch: int, step: int):
-        """Samples, decoder outputs, data term and gradients at the current (U, w)."""
-        g = self._generator(epoch, step)
-        params = self.model.decode_params(self.sample_z(g), g)
-        data_term = self.data_term(params, g)
-        return likelihood_gradients(self.likelihood, self.prior.U, self.prior.w, params, data_term,
-                                    self.grad_path)
+    def component_means(self, U: torch.Tensor) -> torch.Tensor:
+        """mu(u_m) [M, d]; under torch.distributed each rank encodes its share of the rows and an all-reduce
+        of the zero-padded [M, d] gathers them (exact: every slot is one value plus zeros)."""
+        rank, world = process_group()
+        if world == 1:
+            return self.model.encode_flat(U)[0]
+        lo, hi = shard_range(U.shape[0], rank, world)
+        mine = self.model.encode_flat(U[lo:hi])[0]
+        out = torch.zeros(U.shape[0], mine.shape[1], device=mine.device, dtype=mine.dtype)
+        out[lo:hi] = mine
+        return all_reduce_sum(out)
+
+    def decode(self, z: torch.Tensor, lo: int, hi: int, generator: torch.Generator) -> torch.Tensor:
+        """Decoder outputs [hi - lo, P, D] of samples z[lo:hi]. A two-level model's z1 noise is drawn for
+        all S samples, so every shard sees the random numbers of one process."""
+        if hasattr(self.model, "p_z1"):
+            z1 = reparameterize(*self.model.p_z1(z), generator)
+            return self.model.decode_x(z1[lo:hi], z[lo:hi])
+        return self.model.decode_params(z[lo:hi], generator)
+
+    def pieces(self, U, z, lo, hi, generator, with_grad) -> Pieces:
+        params = self.decode(z, lo, hi, generator)
+        data = self.data_term(params, generator).double()
+        A = self.likelihood.pairwise_log_prob(U, params).double()
+
+        def contract(coef: torch.Tensor) -> torch.Tensor:
+            closed = self.likelihood.grad_u_contract(U, params, coef)
+            if closed is not None:
+                return closed
+            rows = max(1, AUTOGRAD_CHUNK // (params.shape[0] * U.shape[1]))
+            ones = torch.ones(U.shape[0], device=U.device, dtype=U.dtype)
+            return _autograd_grad_u(lambda u: self.likelihood.pairwise_log_prob(u, params), U, ones, coef, rows)
+
+        return Pieces(A, data, contract if with_grad else None)
+
+    def fused(self, U, w, z, generator):
+        params = self.decode(z, 0, z.shape[0], generator)
+        return likelihood_gradients(self.likelihood, U, w, params, self.data_term(params, generator), self.grad_path)
 
     def update(self, epoch: int) -> dict:
         """One pseudocoreset update (the VAE frozen); returns floats logged as coreset_<key>."""
         t0 = time.perf_counter()
         prior = self.prior
-        trace, skipped, resets = [], 0, 0
-        self.step_seconds = []  # wall time of each step of this update (benchmarks read it)
         with frozen(self.model):
-            for j in range(self.steps):
-                t_step = time.perf_counter()
-                grad_U, grad_w, R_c = self._evaluate(epoch, j)
-                trace.append(kl_estimate(R_c))
-                if not (torch.isfinite(grad_U).all() and torch.isfinite(grad_w).all()):
-                    skipped += 1  # a non-finite gradient would poison U, w and the Adam moments
-                    continue
-                self.adam.step({"U": prior.U, "w": prior.w}, {"U": grad_U, "w": grad_w},
-                               {"U": self.lr_u / (j + 1), "w": self.lr / (j + 1)})
-                project_pseudodata(prior.U, self.likelihood.domain)
-                if project_weights(prior.w, self.n_data):
-                    resets += 1
-                    log.warning("coreset: epoch %d step %d: every weight reached 0; reset to N/M", epoch, j)
-                self.step_seconds.append(time.perf_counter() - t_step)
-            step_seconds = (time.perf_counter() - t0) / self.steps
-            # The KL after the update, at the final (U, w) with the random numbers of step 0: a paired
-            # comparison with kl_before, so the difference is not buried in Monte Carlo noise.
-            kl_after = kl_estimate(self._evaluate(epoch, 0)[2])
+            out = fit(lambda x, z: self.likelihood.pairwise_log_prob(x, self.decode(z, 0, z.shape[0], None)),
+                      prior.U, prior.w, self.sample_z,
+                      lambda z: self.data_term(self.decode(z, 0, z.shape[0], None), None),
+                      n_data=self.n_data, steps=self.steps, samples=self.samples, seed=self.seed,
+                      schedule=self.schedule, lr_w=self.lr, lr_u=self.lr_u, domain=self.likelihood.domain,
+                      adam=self.adam, epoch=epoch, safeguard=self.safeguard, step_scale=self.step_scale,
+                      pieces=self.pieces, fused=self.fused)
+        self.trace = out.pop("trace")
+        self.step_seconds = out.pop("step_seconds")  # benchmarks read it
         self.updates += 1
         self.total_steps += self.steps
-        self.trace = trace
-        w = prior.w.double()
-        result = {"kl_before": trace[0], "kl_after": kl_after, "steps": float(self.steps),
-                  "seconds": time.perf_counter() - t0, "seconds_per_step": step_seconds,
-                  "data_term_exact": float(self.mode == "exact"),
-                  "skipped_steps": float(skipped), "weight_resets": float(resets),
-                  "active": float((w > 0).sum()), "ess": float(w.sum() ** 2 / (w**2).sum())}
+        self.rollbacks += int(out["rolled_back"])
+        out["step_scale"] = self.step_scale
+        self.step_scale = STEP_SHRINK * self.step_scale if out["rolled_back"] else min(1.0, STEP_GROW * self.step_scale)
+        seconds = time.perf_counter() - t0
+        result = {**out, "rollbacks": float(self.rollbacks), "seconds": seconds,
+                  "seconds_per_step": seconds / self.steps,
+                  "data_term_exact": float(self.mode == "exact"), "active": float((prior.w > 0).sum())}
         self.history.append({"epoch": epoch, **result})
-        if skipped:
-            log.warning("coreset: epoch %d: %d of %d steps skipped (non-finite gradients)", epoch, skipped, self.steps)
-        log.info("coreset update at epoch %d: KL %.4g -> %.4g, %d steps (%s data term), %.2f s",
-                 epoch, result["kl_before"], kl_after, self.steps, self.mode, result["seconds"])
+        if out["skipped_steps"]:
+            log.warning("coreset: epoch %d: %d of %d steps skipped (non-finite gradients)", epoch,
+                        out["skipped_steps"], self.steps)
+        if out["rolled_back"]:
+            log.warning("coreset: epoch %d: update rolled back (held-out ½Var(R) %.4g -> %.4g); %d so far", epoch,
+                        out["heldout_half_var_before"], out["heldout_half_var_after"], self.rollbacks)
+        log.info("coreset update at epoch %d: held-out ½Var(R) %.4g -> %.4g, ESS %.1f -> %.1f of %d, "
+                 "w in [%.3g, %.3g] (ESS %.1f), |ΔU| %.3g, %d steps, %.2f s", epoch, out["heldout_half_var_before"],
+                 out["heldout_half_var_after"], out["heldout_ess_before"], out["heldout_ess_after"], self.samples,
+                 out["w_min"], out["w_max"], out["w_ess"], out["u_mean_abs_change"], self.steps, seconds)
         return result
 
     # --- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything but U and w (those live in the model's state): Adam, counters, KL history."""
+        """Everything but U and w (those live in the model's state): Adam, counters, history."""
         return {"version": STATE_VERSION, "adam": self.adam.state_dict(), "updates": self.updates,
-                "total_steps": self.total_steps, "history": [dict(h) for h in self.history],
-                "trace": list(self.trace), "data_term": self.mode}
+                "total_steps": self.total_steps, "rollbacks": self.rollbacks, "step_scale": self.step_scale,
+                "history": [dict(h) for h in self.history], "trace": list(self.trace), "data_term": self.mode}
 
     def load_state_dict(self, state: dict) -> None:
         missing = [k for k in ("version", "adam", "updates", "total_steps", "history", "trace") if k not in state]
@@ -328,5 +488,7 @@ class PseudocoresetOptimizer:
             raise ValueError(f"coreset state: version {state['version']}, this code reads {STATE_VERSION}")
         self.adam.load_state_dict(state["adam"])
         self.updates, self.total_steps = int(state["updates"]), int(state["total_steps"])
+        self.rollbacks = int(state.get("rollbacks", 0))
+        self.step_scale = float(state.get("step_scale", 1.0))
         self.history = [dict(h) for h in state["history"]]
         self.trace = list(state["trace"])

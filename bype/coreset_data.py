@@ -7,8 +7,9 @@ Two estimators behind one call `term(params [S, P, D], generator) -> [S]` (float
   With dynamic binarisation the grey levels give the expectation of the binarised data term (it is
   linear in x), so the statistics of the grey levels are exact for that expectation.
 - `MinibatchDataTerm`: an unbiased estimate N/B * sum_{b in batch} log p(x_b | z_s) from B rows drawn with
-  replacement by the update's generator (Bernoulli rows binarised by the same generator). Under DDP every
-  rank draws the same rows, evaluates its share and `all_reduce_sum` completes the sum.
+  replacement by the update's generator (Bernoulli rows binarised by the same generator). Every rank draws
+  the same rows; with `world_size` > 1 each evaluates its share of them and `all_reduce_sum` completes the
+  sum (the optimiser itself shares the samples instead and gives each rank all rows).
 """
 from __future__ import annotations
 
@@ -98,7 +99,9 @@ class MinibatchDataTerm:
             u = torch.rand((self.batch_size, x.shape[1]), generator=generator, device=generator.device)
             x = (u[mine].to(dev) < x).to(params.dtype)
         part = self.likelihood.pairwise_log_prob(x, params).double().sum(0)
-        return all_reduce_sum(part) * (self.n / self.batch_size)
+        if self.world_size > 1:  # rows shared between ranks; with samples shared (the optimiser) each has all rows
+            part = all_reduce_sum(part)
+        return part * (self.n / self.batch_size)
 
 
 def split_rows(split) -> Callable[[torch.Tensor], torch.Tensor]:

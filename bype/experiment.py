@@ -3,6 +3,7 @@
   bype experiment GRID.yaml [key.sub=value ...]            run the grid (finished runs are skipped), collect
   bype experiment --priors gaussian,bype [--config FILE] [key.sub=value ...]
   bype experiment GRID.yaml --collect-only                 only regenerate RESULTS.md from the run dirs
+  bype experiment GRID.yaml --jobs 4                       train up to 4 runs at the same time
 
 A grid file (see configs/experiments/fashion-mnist-priors.yaml):
 
@@ -10,6 +11,9 @@ A grid file (see configs/experiments/fashion-mnist-priors.yaml):
   out_dir: runs/NAME               # run directories are out_dir/<run name>
   overrides: [seed=0, ...]         # applied to every run, before its own
   speed: runs/bench/speed/speed.json   # optional `bype bench speed` output to include
+  seeds: [0, 1]                    # optional: every run once per seed (NAME-sSEED), one row over seeds
+  notes: |                         # optional: what the results show, printed under the title
+    ...
   runs:
     - name: vae-gaussian
       config: ../fashion-mnist/vae-gaussian.yaml   # relative to the grid file
@@ -19,6 +23,7 @@ Runs execute one after another as `bype train` subprocesses (each logs to RUN_DI
 with report.json is finished and skipped; one with last.pt but no report is resumed; so the command can
 be re-run after an interruption. The collected page (tables, plots and pictures under results/ beside it)
 embeds the command line of every run and the published Exemplar VAE numbers, marked as published.
+Plots and pictures go to results/<basename of out_dir>/ beside the page.
 """
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import yaml
+
+from bype.experiment_coreset import coreset_section, seed_table
 
 # Published test log-likelihoods (nats, 40-d latent) of the Exemplar VAE paper (DESIGN section 3).
 PUBLISHED = {
@@ -66,6 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speed", help="a `bype bench speed` speed.json to include (default: the grid's speed:)")
     p.add_argument("--collect-only", action="store_true", help="do not train; only regenerate the page")
     p.add_argument("--dry-run", action="store_true", help="print the run commands and exit")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (default 1)")
 
 
 # --- the grid -------------------------------------------------------------------------------------
@@ -75,6 +83,10 @@ class RunSpec:
     config: Optional[str]  # as written in commands (relative to the working directory when possible)
     overrides: list[str]
     out_dir: str
+    group: str = ""  # the grid row; runs of one row differ only in their seed
+
+    def __post_init__(self):
+        self.group = self.group or self.name
 
     @property
     def run_dir(self) -> str:
@@ -96,6 +108,7 @@ class Grid:
     runs: list[RunSpec]
     speed: Optional[str] = None
     source: Optional[str] = None  # the grid file
+    notes: str = ""  # the grid's `notes:`, a reading of the results written after they came in
 
 
 def _as_list(value, where: str) -> list[str]:
@@ -122,9 +135,14 @@ def load_grid(path: str, out_dir: Optional[str], extra: list[str]) -> Grid:
         raise FileNotFoundError(f"{path}: grid file not found") from None
     if not isinstance(data, dict) or not isinstance(data.get("runs"), list) or not data["runs"]:
         raise ValueError(f"{path}: a grid needs a non-empty 'runs:' list")
-    unknown = set(data) - {"title", "out_dir", "overrides", "runs", "speed"}
+    unknown = set(data) - {"title", "out_dir", "overrides", "runs", "speed", "seeds", "notes"}
     if unknown:
-        raise ValueError(f"{path}: unknown key {sorted(unknown)[0]!r} (known: title, out_dir, overrides, runs, speed)")
+        raise ValueError(f"{path}: unknown key {sorted(unknown)[0]!r} (known: title, out_dir, overrides, runs, "
+                         "speed, seeds, notes)")
+    seeds = data.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds
+                              or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise ValueError(f"{path}: seeds: expected a non-empty list of integers, got {seeds!r}")
     out = out_dir or data.get("out_dir") or "runs/experiment"
     shared = _as_list(data.get("overrides"), f"{path}: overrides")
     here = os.path.dirname(os.path.abspath(path))
@@ -137,10 +155,14 @@ def load_grid(path: str, out_dir: Optional[str], extra: list[str]) -> Grid:
             raise ValueError(f"{path}: runs[{i}]: unknown key {sorted(unknown)[0]!r} (known: name, config, overrides)")
         config = _relpath(os.path.join(here, r["config"])) if r.get("config") else None
         own = _as_list(r.get("overrides"), f"{path}: runs[{i}].overrides")
-        runs.append(RunSpec(str(r["name"]), config, [*shared, *own, *extra], out))
+        name = str(r["name"])
+        if seeds is None:
+            runs.append(RunSpec(name, config, [*shared, *own, *extra], out))
+        else:  # one run per seed, named NAME-sSEED, grouped into one row of the results
+            runs += [RunSpec(f"{name}-s{x}", config, [*shared, f"seed={x}", *own, *extra], out, name) for x in seeds]
     _check_names(runs)
     return Grid(data.get("title") or os.path.splitext(os.path.basename(path))[0], out, runs,
-                data.get("speed"), path)
+                data.get("speed"), path, str(data.get("notes") or "").strip())
 
 
 def priors_grid(priors: str, config: Optional[str], out_dir: Optional[str], extra: list[str]) -> Grid:
@@ -181,29 +203,65 @@ def run_status(run_dir: str) -> str:
     return "missing"
 
 
-def run_grid(grid: Grid) -> list[str]:
-    """Train every unfinished run in order; returns the names of runs that failed."""
+def run_grid(grid: Grid, jobs: int = 1) -> list[str]:
+    """Train every unfinished run, `jobs` at a time; returns the names of runs that failed."""
     failed, durations = [], []
     todo = [r for r in grid.runs if run_status(r.run_dir) != "finished"]
     print(f"experiment: {len(grid.runs)} runs, {len(grid.runs) - len(todo)} already finished, "
-          f"{len(todo)} to train under {grid.out_dir}", flush=True)
+          f"{len(todo)} to train under {grid.out_dir}, {jobs} at a time", flush=True)
+    running: list[tuple[RunSpec, subprocess.Popen, float]] = []
     for i, r in enumerate(todo):
         resume = run_status(r.run_dir) == "partial"
         args = ["train", "--resume", r.run_dir] if resume else r.train_args()
-        eta = f", ETA {(len(todo) - i) * sum(durations) / len(durations) / 60:.0f} min" if durations else ""
+        eta = (f", ETA {(len(todo) - i) * sum(durations) / len(durations) / 60 / jobs:.0f} min"
+               if durations else "")
         print(f"[{i + 1}/{len(todo)}] {'resuming' if resume else 'training'} {r.name}{eta}\n  bype "
               + " ".join(shlex.quote(a) for a in args), flush=True)
         if not resume:
             _write_command(r)
-        t0 = time.time()
-        code = _run_logged([sys.executable, "-m", "bype.cli", *args], os.path.join(r.run_dir, "train.log"))
-        durations.append(time.time() - t0)
-        if code != 0 or run_status(r.run_dir) != "finished":
-            print(f"  {r.name}: failed (exit code {code}); see {os.path.join(r.run_dir, 'train.log')}", flush=True)
-            failed.append(r.name)
-        else:
-            print(f"  {r.name}: finished in {durations[-1] / 60:.1f} min", flush=True)
+        cmd = [sys.executable, "-m", "bype.cli", *args]
+        log_path = os.path.join(r.run_dir, "train.log")
+        if jobs == 1:
+            t0 = time.time()
+            _finish(r, _run_logged(cmd, log_path), time.time() - t0, durations, failed)
+            continue
+        running.append((r, _start_logged(cmd, log_path), time.time()))
+        while len(running) >= jobs:
+            running = _reap(running, durations, failed)
+    while running:
+        running = _reap(running, durations, failed)
     return failed
+
+
+def _reap(running: list, durations: list, failed: list) -> list:
+    """Wait a moment; finish the runs whose process ended and return the ones still running."""
+    time.sleep(2)
+    still = []
+    for r, proc, t0 in running:
+        code = proc.poll()
+        if code is None:
+            still.append((r, proc, t0))
+        else:
+            _finish(r, code, time.time() - t0, durations, failed)
+    return still
+
+
+def _finish(r: RunSpec, code: int, seconds: float, durations: list, failed: list) -> None:
+    durations.append(seconds)
+    if code != 0 or run_status(r.run_dir) != "finished":
+        print(f"  {r.name}: failed (exit code {code}); see {os.path.join(r.run_dir, 'train.log')}", flush=True)
+        failed.append(r.name)
+    else:
+        print(f"  {r.name}: finished in {seconds / 60:.1f} min", flush=True)
+
+
+def _start_logged(cmd: list[str], log_path: str) -> subprocess.Popen:
+    """Start `cmd` in the background with its output appended to `log_path` (parallel runs)."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    log = open(log_path, "a")
+    log.write(f"# {datetime.datetime.now().isoformat(timespec='seconds')}: {' '.join(cmd)}\n")
+    log.flush()
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _write_command(spec: RunSpec) -> None:
@@ -420,13 +478,20 @@ def write_results(grid: Grid, results_path: str, command: str, speed: Optional[s
     """Collect every run of the grid into `results_path` (plots and pictures under results/ beside it)."""
     results = [collect_run(r) for r in grid.runs]
     base = os.path.dirname(os.path.abspath(results_path))
-    assets = os.path.join(base, "results")
+    # One folder per grid (named after its out_dir), so pages of different grids keep their own plots.
+    assets = os.path.join(base, "results", os.path.basename(os.path.normpath(grid.out_dir)))
     os.makedirs(assets, exist_ok=True)
 
     def rel(p: str) -> str:
         return os.path.relpath(p, base)
 
     out = _header(grid, results, command)
+    if grid.notes:
+        out += ["## What it shows", "", grid.notes, ""]
+    by_seed = seed_table(results)
+    if by_seed:
+        out += ["## Over seeds", "", "Runs that differ only in their seed, as one row: mean ± sample standard "
+                "deviation over the finished seeds (n).", "", by_seed, ""]
     out += ["## Summary", "", summary_table(results), "",
             "## Beside the published numbers", "",
             "Published values are test log-likelihoods from the Exemplar VAE paper (40-d latent), copied from "
@@ -439,6 +504,7 @@ def write_results(grid: Grid, results_path: str, command: str, speed: Optional[s
                 "Validation -ELBO (an upper bound on the NLL) against training wall clock; the star is the test NLL "
                 "of the best checkpoint, placed where training reached it.", "",
                 f"![NLL against wall clock]({rel(plots['nll_vs_time'])})", ""]
+    out += coreset_section(results, assets, rel)
     knn = knn_table(results)
     if knn:
         out += ["## kNN accuracy", "", "kNN classification (Euclidean) on encoder means, training split as the "
@@ -516,7 +582,9 @@ def run(args) -> int:
     if args.dry_run:
         print("\n".join(r.command for r in grid.runs))
         return 0
-    failed = run_grid(grid) if not args.collect_only else []
+    if args.jobs < 1:
+        raise ValueError(f"--jobs: must be >= 1, got {args.jobs}")
+    failed = run_grid(grid, args.jobs) if not args.collect_only else []
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     path = write_results(grid, args.results, command, speed)
     print(f"results: {path}")
@@ -533,4 +601,5 @@ def command_line(args, overrides: list[str]) -> str:
         if value and not (flag == "results" and value == "docs/RESULTS.md"):
             parts += [f"--{flag.replace('_', '-')}", value]
     parts += ["--collect-only"] if args.collect_only else []
+    parts += ["--jobs", str(args.jobs)] if getattr(args, "jobs", 1) != 1 and not args.collect_only else []
     return " ".join(shlex.quote(p) for p in parts + overrides)

@@ -66,7 +66,9 @@ def save_coreset(prior, input_shape: tuple, path: str, weights_path: Optional[st
         ax.bar(np.arange(len(weights)), weights.cpu().numpy(), width=1.0)
         ax.set_xlabel("pseudodata point (sorted)")
         ax.set_ylabel("weight w_m")
-        ax.set_title(f"pseudocoreset weights (sum = {float(weights.sum()):.0f})")
+        w = weights.double()
+        ax.set_title(f"pseudocoreset weights (sum = {float(w.sum()):.0f}, {float(w.min()):.3g} .. {float(w.max()):.3g}, "
+                     f"effective number {float(w.sum() ** 2 / (w**2).sum()):.1f} of {len(w)})", fontsize=9)
         fig.tight_layout()
         fig.savefig(weights_path, dpi=100)
         plt.close(fig)

@@ -262,7 +262,7 @@ class Trainer:
             self.metrics.write(record, step=epoch)
             log.info("epoch %d: train %.2f val %.2f (best %.2f @%d) %.1fs %s", epoch, record["train_loss"],
                      val["loss"], self.best_val, self.best_epoch, seconds,
-                     f"coreset KL {record['coreset_kl_after']:.3g}" if "coreset_kl_after" in record else "")
+                     f"coreset held-out ½Var(R) {record['coreset_heldout_half_var_after']:.3g}" if "coreset_heldout_half_var_after" in record else "")
             if improved:
                 self.save("best.pt")
             self.save("last.pt")

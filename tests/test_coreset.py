@@ -279,7 +279,8 @@ def test_constraints_hold_after_every_update(tmp_path, overrides):
 
 
 def test_weights_pushed_negative_are_clamped_not_renormalised(tmp_path, monkeypatch):
-    opt, model = make_optimizer(tmp_path, "coreset.lr=1000")  # Adam's first step moves each weight by 1000
+    opt, model = make_optimizer(tmp_path, "coreset.schedule=reference", "coreset.lr=1000",  # a first step of 1000 on w
+                                "coreset.safeguard=false")  # keep the update: its projection is under test
     real = coreset.likelihood_gradients
 
     def adversarial(*args, **kwargs):  # push the first half of the weights far below zero
@@ -295,7 +296,8 @@ def test_weights_pushed_negative_are_clamped_not_renormalised(tmp_path, monkeypa
 
 
 def test_all_weights_at_zero_reset_to_uniform(tmp_path):
-    opt, model = make_optimizer(tmp_path, "coreset.lr=10000")  # every weight's first step is -1e4 here
+    opt, model = make_optimizer(tmp_path, "coreset.schedule=reference", "coreset.lr=10000",  # first step -1e4 on w
+                                "coreset.safeguard=false")
     out = opt.update(1)
     assert out["weight_resets"] == 6
     assert_invariants(model, 600)
@@ -350,9 +352,11 @@ def test_state_round_trip_reproduces_the_next_update(tmp_path):
     fresh.load_state_dict(saved)
     got = fresh.update(2)
     assert torch.equal(model_b.prior.U, U2) and torch.equal(model_b.prior.w, w2)
-    assert got["kl_before"] == ref["kl_before"] and got["kl_after"] == ref["kl_after"] != cold["kl_after"]
+    assert got["heldout_half_var_before"] == ref["heldout_half_var_before"]
+    assert got["heldout_half_var_after"] == ref["heldout_half_var_after"] != cold["heldout_half_var_after"]
     assert [h["epoch"] for h in fresh.history] == [1, 2] and fresh.history[0] == opt.history[0]
-    assert fresh.state_dict()["adam"]["t"] == opt.state_dict()["adam"]["t"] == 12
+    accepted = 2 - int(opt.history[0]["rolled_back"] + opt.history[1]["rolled_back"])  # a rollback restores Adam
+    assert fresh.state_dict()["adam"]["t"] == opt.state_dict()["adam"]["t"] == 6 * accepted
 
 
 def test_load_state_dict_names_the_bad_shape(tmp_path):
@@ -372,9 +376,10 @@ def _ddp_worker(rank, world, init_file, tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     for mode in MODES:
-        opt, model = make_optimizer(tmp_path, f"coreset.data_term={mode}", ctx=DistContext(rank, world))
+        opt, model = make_optimizer(tmp_path, f"coreset.data_term={mode}", "coreset.safeguard=false",
+                                    ctx=DistContext(rank, world))
         out = opt.update(1)
-        torch.save({"U": model.prior.U, "w": model.prior.w, "kl": out["kl_after"]}, tmp_path / f"{mode}{rank}.pt")
+        torch.save({"U": model.prior.U, "w": model.prior.w, "kl": out["heldout_half_var_after"]}, tmp_path / f"{mode}{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -386,7 +391,7 @@ def test_two_ranks_compute_the_identical_update(tmp_path, fmnist_root):
     for mode in MODES:
         r0, r1 = (torch.load(tmp_path / f"{mode}{r}.pt") for r in (0, 1))
         assert torch.equal(r0["U"], r1["U"]) and torch.equal(r0["w"], r1["w"]) and r0["kl"] == r1["kl"], mode
-        single_opt, single = make_optimizer(tmp_path, f"coreset.data_term={mode}")  # the same update, one process
+        single_opt, single = make_optimizer(tmp_path, f"coreset.data_term={mode}", "coreset.safeguard=false")  # one process
         U0 = single.prior.U.clone()
         single_opt.update(1)
         assert not torch.equal(r0["U"], U0)
@@ -396,22 +401,29 @@ def test_two_ranks_compute_the_identical_update(tmp_path, fmnist_root):
 
 
 def test_training_run_updates_the_coreset_and_lowers_the_kl(tmp_path, fmnist_root):
-    # The default step sizes: the reference's 0.5 / (j + 1) on w, 0.05 / (j + 1) on U (config.py says why).
+    # The default step sizes (coreset.schedule=scaled) and the safeguard.
     cfg = load_config(None, [f"out_dir={tmp_path}", "name=bype", "data.train_limit=2000", "data.eval_limit=500",
                              "prior.components=50", "coreset.every=2", "train.epochs=4", "coreset.steps=20",
                              "eval.at_end=false", "eval.n_samples_grid=4"])
     train(cfg)
     with open(os.path.join(cfg.run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    updated = [r["epoch"] for r in records if "coreset_kl_before" in r]
-    assert updated == [2, 4]
-    for r in records:
-        if "coreset_kl_before" in r:
-            print(f"\nepoch {r['epoch']}: coreset KL {r['coreset_kl_before']:.4g} -> {r['coreset_kl_after']:.4g}")
-            assert r["coreset_kl_after"] < r["coreset_kl_before"]
-            assert r["coreset_steps"] == 20 and r["coreset_data_term_exact"] == 1.0
+    updated = [r for r in records if "coreset_heldout_half_var_before" in r]
+    assert [r["epoch"] for r in updated] == [2, 4]
+    for r in updated:
+        print(f"\nepoch {r['epoch']}: held-out ½Var(R) {r['coreset_heldout_half_var_before']:.4g} -> "
+              f"{r['coreset_heldout_half_var_after']:.4g}, rolled back {r['coreset_rolled_back']:.0f}")
+        assert r["coreset_steps"] == 20 and r["coreset_data_term_exact"] == 1.0
+        # Accepted updates lower the held-out objective; a rolled-back one leaves U unchanged.
+        if r["coreset_rolled_back"]:
+            assert r["coreset_u_mean_abs_change"] == 0 and r["coreset_w_rel_change"] == 0
+        else:
+            assert r["coreset_heldout_half_var_after"] < r["coreset_heldout_half_var_before"]
+            assert r["coreset_u_mean_abs_change"] > 0 and r["coreset_w_rel_change"] > 0
+    accepted = sum(not r["coreset_rolled_back"] for r in updated)
+    assert accepted >= 1
     last = checkpoint.load(os.path.join(cfg.run_dir, "last.pt"))
-    assert [h["epoch"] for h in last["coreset"]["history"]] == [2, 4] and last["coreset"]["adam"]["t"] == 40
+    assert [h["epoch"] for h in last["coreset"]["history"]] == [2, 4] and last["coreset"]["adam"]["t"] == 20 * accepted
     w = last["model"]["prior.w"]
     assert (w >= 0).all() and abs(w.double().sum().item() - 2000) < 0.1
 

@@ -89,11 +89,11 @@ def test_experiment_collects_both_runs_into_results_md(experiment):
         assert command.endswith(f"prior.kind={prior} out_dir={tmp / 'runs'} name={name}")
         assert command in text  # the command line each run was started with
     assert "| -228.70 |" in text and "not published" in text  # Exemplar VAE paper (Gaussian); none for ByPE
-    docs = tmp / "docs" / "results"
+    docs = tmp / "docs" / "results" / "runs"  # one folder per grid, named after its out_dir
     for picture in ("val_curves.png", "nll_vs_time.png", "g/samples.png", "b/samples.png", "b/coreset.png",
-                    "b/coreset_weights.png"):
+                    "b/coreset_weights.png", "coreset_diagnostics.png"):
         assert (docs / picture).stat().st_size > 1000, picture
-        assert f"(results/{picture})" in text
+        assert f"(results/runs/{picture})" in text
 
 
 def test_experiment_rerun_skips_finished_runs(experiment, capsys):

@@ -19,6 +19,8 @@ whole sequence R times so that both see the same load. Per run:
   (`bype.bench._scaling_worker`, DDP) that also measures this machine's matmul rate, time per operator,
   memory bandwidth and gloo all-reduce time: the inputs of the cost model (bype.parallel.cost_model),
   whose predicted step time is printed beside the measured one.
+- coreset s: one update (each rank evaluates its S / W share of the samples and the sums are
+  all-reduced, docs/CORESET.md; on a CPU each rank also has fewer threads).
 
 The cores are split between the processes (OMP_NUM_THREADS = cores / P unless --threads), so 1 process
 uses all of them: the comparison is at equal hardware. The figures are only as quiet as the machine:
