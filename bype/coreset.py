@@ -437,6 +437,19 @@ class PseudocoresetOptimizer:
         params = self.decode(z, 0, z.shape[0], generator)
         return likelihood_gradients(self.likelihood, U, w, params, self.data_term(params, generator), self.grad_path)
 
+    def probe_step(self) -> None:
+        """One step's work at the current (U, w): draws, decoder, data term, gradients, not applied (what
+        the start-up cost estimate times). Collective under torch.distributed, like a step of `fit`."""
+        U, w = self.prior.U, self.prior.w
+        g = torch.Generator(device=U.device).manual_seed(step_seed(self.seed, 0, "probe"))
+        z = self.sample_z(U, w, self.samples, g)
+        rank, world = process_group()
+        if world == 1:
+            self.fused(U, w, z, g)
+        else:
+            lo, hi = shard_range(self.samples, rank, world)
+            estimate(self.pieces(U, z, lo, hi, g, True), U, w, lo, self.samples)
+
     def update(self, epoch: int) -> dict:
         """One pseudocoreset update (the VAE frozen); returns floats logged as coreset_<key>."""
         t0 = time.perf_counter()

@@ -80,7 +80,7 @@ def coreset_step_seconds(trainer) -> float:
     """One pseudocoreset step at the current (U, w), without applying it."""
     coreset, device = trainer.coreset, trainer.ctx.device
     with frozen(trainer.model):
-        return _measure(lambda: coreset._evaluate(0, 0), device)
+        return _measure(coreset.probe_step, device)
 
 
 def estimate_costs(trainer) -> dict:
