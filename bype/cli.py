@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from bype.checkpoint import CheckpointError
     from bype.config import ConfigError
-    from bype.dist import ReplicaMismatchError
+    from bype.parallel.process_group import ReplicaMismatchError
 
     args = build_parser().parse_args(argv)
     try:
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
             raise
         print(f"bype: error: {e}", file=sys.stderr)
         code = 2
-    from bype.dist import finish
+    from bype.parallel.process_group import finish
 
     finish(code or 0)  # distributed workers end through barrier + destroy + os._exit
     return code or 0

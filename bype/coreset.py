@@ -27,7 +27,7 @@ from torch import nn
 from bype.coreset_data import build_data_term, resolve_mode
 from bype.coreset_estimate import (Estimate, Pieces, diagnostics, estimate, loglik_pieces, process_group,
                                    residual, shard_range, weight_summary)
-from bype.dist import all_reduce_sum
+from bype.parallel.process_group import all_reduce_sum
 from bype.models.vae import reparameterize
 
 log = logging.getLogger("bype")

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from bype.dist import all_reduce_sum
+from bype.parallel.process_group import all_reduce_sum
 from bype.models.likelihoods import Likelihood
 
 MODES = ("auto", "exact", "minibatch")

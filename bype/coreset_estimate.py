@@ -24,12 +24,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.distributed as dist
 
-from bype.dist import all_reduce_sum
-
-
-def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Rows [lo, hi) of rank `rank` when n rows are split as evenly as possible over `world` ranks."""
-    return n * rank // world, n * (rank + 1) // world
+from bype.parallel.process_group import all_reduce_sum
+from bype.parallel.shard import shard_range
 
 
 def process_group() -> tuple[int, int]:

@@ -23,7 +23,7 @@ import torch
 from bype.data.memory import Split
 from bype.eval_memory import chunked_encoder, encode_rows, rows_within
 from bype.eval_noise import IndexNoise
-from bype.eval_shards import gather_rows, shard_range, sum_over_ranks
+from bype.parallel.eval_shards import gather_rows, shard_range, sum_over_ranks
 
 EVAL_SEED = 20211206  # the fixed binarisation and importance samples: the same inputs every evaluation
 VAL, TEST, REFERENCE = 1, 2, 3  # noise streams: one split's binarisation is not another's

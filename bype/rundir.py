@@ -17,7 +17,7 @@ from typing import Optional
 
 import yaml
 
-from bype.dist import barrier
+from bype.parallel.process_group import barrier
 from bype.metrics import truncate_metrics
 
 REWRITTEN = ("config.yaml", "metrics.jsonl")  # existing files a start rewrites before its first checkpoint

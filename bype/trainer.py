@@ -21,8 +21,8 @@ import yaml
 from bype import checkpoint
 from bype.config import Config, config_from_dict, to_dict
 from bype.data import DataBundle, device_batches, load_data
-from bype.dist import DistContext, all_reduce_sum, barrier, broadcast, check_replicated, init_distributed
-from bype.engines import build_engine
+from bype.parallel.process_group import DistContext, all_reduce_sum, barrier, broadcast, check_replicated, init_distributed
+from bype.parallel.engines import build_engine
 from bype import eval_memory
 from bype.cost import estimate_costs
 from bype.evaluate import evaluate, validation_loss

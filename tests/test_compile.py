@@ -9,8 +9,8 @@ import torch._dynamo
 import kernels
 from bype.compiled_loss import CompiledLoss, NoiseTape, plan_compile
 from bype.config import load_config
-from bype.engines import LocalEngine
-from bype.dist import DistContext
+from bype.parallel.engines import LocalEngine
+from bype.parallel.process_group import DistContext
 from bype.models import build_model
 from bype.models.noise import RowNoise
 from bype.step_stats import EpochStats, HostSyncCounter, RunningSums

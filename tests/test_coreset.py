@@ -15,7 +15,7 @@ from bype.coreset import (Adam, PseudocoresetOptimizer, kl_estimate, kl_gradient
 from bype.coreset_data import ExactDataTerm, MinibatchDataTerm, stream_stats
 from bype.data import load_data, split_stats
 from bype.data.memory import load_idx_dataset
-from bype.dist import DistContext
+from bype.parallel.process_group import DistContext
 from bype.models import build_model
 from bype.models.likelihoods import Bernoulli, DiscretizedLogistic, Gaussian
 from bype.trainer import train

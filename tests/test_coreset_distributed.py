@@ -27,7 +27,7 @@ import sys, torch, torch.distributed as dist
 sys.path.insert(0, "tests")
 from pathlib import Path
 from bype.coreset import fit
-from bype.dist import DistContext, check_replicated, finish
+from bype.parallel.process_group import DistContext, check_replicated, finish
 from test_coreset import make_optimizer
 from test_coreset_fit import PROBLEMS, LinearGaussian
 out = Path(sys.argv[1])

@@ -112,7 +112,7 @@ MATRIX = {2: ["bype-ddp", "bype-zero1", "bype-zero2", "vamp-ddp", "vamp-zero2", 
 MATRIX_DRIVER = """
 import json, os, sys, torch
 from bype.config import load_config
-from bype.dist import finish
+from bype.parallel.process_group import finish
 from bype.trainer import Trainer
 out, cases = sys.argv[1], json.loads(sys.argv[2])
 for name, overrides in cases:
@@ -241,7 +241,7 @@ MISMATCH = """
 import sys, torch, torch.distributed as dist
 from bype import coreset
 from bype.cli import main
-from bype.dist import ReplicaMismatchError, check_replicated
+from bype.parallel.process_group import ReplicaMismatchError, check_replicated
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

@@ -20,7 +20,7 @@ N_SAMPLES, KS = 30, [1, 3]
 DRIVER = """
 import json, sys
 from bype.config import load_config
-from bype.dist import finish
+from bype.parallel.process_group import finish
 from bype.evaluate import evaluate, validation_loss
 from bype.trainer import Trainer
 trainer = Trainer(load_config(None, sys.argv[2:]))

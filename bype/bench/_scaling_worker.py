@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from bype.config import load_config
-from bype.dist import finish
+from bype.parallel.process_group import finish
 from bype.models.noise import RowNoise
 from bype.parallel.flops import _OpCounter, step_profile
 from bype.trainer import Trainer

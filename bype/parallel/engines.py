@@ -79,7 +79,7 @@ class LocalEngine:
 
 def build_engine(cfg, model: nn.Module, ctx):
     if cfg.dist.engine == "deepspeed":
-        from bype.deepspeed_engine import DeepSpeedEngine
+        from bype.parallel.deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(cfg, model, ctx)
     return LocalEngine(cfg, model, ctx, ddp=cfg.dist.engine == "ddp" and ctx.distributed)

@@ -9,12 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
-    """[lo, hi) of rank `rank` among `world`: sizes n // world or n // world + 1, lower ranks larger."""
-    base, extra = divmod(n, world)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (rank < extra)
+from bype.parallel.shard import shard_range
 
 
 def _distributed(world: int) -> bool:
