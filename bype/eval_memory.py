@@ -72,15 +72,20 @@ class TensorPeak(TorchDispatchMode):
         return out
 
 
+def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes the CUDA caching allocator handed out while `fn()` ran, above what was allocated before."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     """Peak bytes allocated while `fn()` runs (its result dropped)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
+        return cuda_peak_bytes(fn, device)
     meter = TensorPeak()
     with meter:
         fn()

@@ -196,12 +196,8 @@ def _time_calls(fn, device, warmup: int, repeats: int) -> list[float]:
 def _peak_bytes(fn, device) -> tuple[int | None, str]:
     """Extra memory of one call, and how it was measured."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base, "cuda_max_allocated"
+        from bype.eval_memory import cuda_peak_bytes
+        return cuda_peak_bytes(fn, device), "cuda_max_allocated"
     before = _status_kb("VmRSS")
     if before is None or not _reset_hwm():
         return None, "unavailable"
