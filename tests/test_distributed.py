@@ -160,8 +160,13 @@ def test_ranks_reproduce_one_process_for_every_prior_and_engine(tmp_path, one_pr
         got = metrics(tmp_path / name)
         assert [r["epoch"] for r in got] == [1, 2]
         for a, b in zip(got, ref_metrics):  # losses ~540 nats summed in another order: 1e-4 absolute is ~2e-7 relative
-            for key in ("train_loss", "val_loss") + (("coreset_heldout_half_var_after",) if name.startswith("bype") else ()):
+            for key in ("train_loss", "val_loss"):
                 assert a[key] == pytest.approx(b[key], abs=1e-4), f"{name}: {key}"
+            if name.startswith("bype"):
+                # ½Var(R) of residuals R ~ 5e4 nats (fp32 sums of 784-pixel log-likelihoods, another order per
+                # shard): err(R) ~ 1e-6 |R| ~ 0.05, so err(½Var) ~ std(R) err(R) ~ 1 nat of ~130: 1e-2 relative
+                key = "coreset_heldout_half_var_after"
+                assert a[key] == pytest.approx(b[key], rel=1e-2), f"{name}: {key}"
 
 
 def test_two_nodes_rendezvous_on_localhost(tmp_path, fmnist_root):

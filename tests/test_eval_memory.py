@@ -87,7 +87,7 @@ def test_one_evaluation_of_celeba_sized_photos_stays_within_the_budget(tmp_path)
     budget_mb = 96
     cfg = load_config(None, ["data.dataset=celeba", "data.source=shards", "data.shards=unused",
                              "model.likelihood=logistic", "model.hidden=32", "model.latent_dim=8",
-                             "prior.kind=bype", "prior.components=8", "data.train_limit=100"])
+                             "prior.kind=bype", "prior.components=8"])
     shape = (3, *CELEBA_HW)
     torch.manual_seed(0)
     model = build_model(cfg, shape)
