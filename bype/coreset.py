@@ -26,8 +26,9 @@ from torch import nn
 
 from bype.coreset_data import build_data_term, resolve_mode
 from bype.coreset_estimate import (Estimate, Pieces, diagnostics, estimate, loglik_pieces, process_group,
-                                   residual, shard_range, weight_summary)
+                                   residual, weight_summary)
 from bype.parallel.process_group import all_reduce_sum
+from bype.parallel.shard import shard_range
 from bype.models.vae import reparameterize
 
 log = logging.getLogger("bype")

@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 
 from bype.parallel.process_group import all_reduce_sum
-from bype.parallel.shard import shard_range
 
 
 def process_group() -> tuple[int, int]:

@@ -12,31 +12,16 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from typing import Optional
 
 import yaml
 
+from bype.atomic import write_text_atomic
 from bype.parallel.process_group import barrier
 from bype.metrics import truncate_metrics
 
 REWRITTEN = ("config.yaml", "metrics.jsonl")  # existing files a start rewrites before its first checkpoint
 CHECKPOINT = "last.pt"  # a new one means the run made progress
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write to a temporary file beside `path`, fsync, rename: readers see the old or the new file whole."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _stat_id(path: str) -> Optional[tuple]:

@@ -30,7 +30,8 @@ from bype.metrics import MetricsWriter, Progress, read_metrics, setup_logging
 from bype.models import build_model
 from bype.models.noise import RowNoise
 from bype.preflight import check_start
-from bype.rundir import RunDirectory, write_text_atomic
+from bype.atomic import write_text_atomic
+from bype.rundir import RunDirectory
 from bype.sampling import save_coreset, save_curves, save_samples
 from bype.step_stats import EpochStats
 
@@ -189,6 +190,8 @@ class Trainer:
                                  cfg.train.sync_debug, f"epoch {epoch} ")  # read every log_every steps only
         n = 0
         profiler = self._profiler() if cfg.train.profile and epoch == self.epoch + 1 else None
+        # Under DDP the budget check is a collective read by the host: only at log lines, where the host reads anyway.
+        check_every = cfg.train.log_every if self.ctx.distributed else BUDGET_CHECK_STEPS
         t0 = time.time()
         for i, (x, _, idx) in enumerate(device_batches(loader, epoch, self.ctx.device)):
             model.noise = RowNoise(cfg.seed, epoch, i, self.ctx.rank, self.ctx.world_size)
@@ -203,8 +206,6 @@ class Trainer:
             bar.update(1, **postfix)
             if profiler is not None:
                 profiler.step()
-            # Under DDP the check is a collective read by the host: only at log lines, where the host reads anyway.
-            check_every = cfg.train.log_every if self.ctx.distributed else BUDGET_CHECK_STEPS
             if budget < math.inf and n % check_every == 0 and self._over_budget(t0, budget):
                 log.info("time budget reached after %d of %d steps of epoch %d", n, len(loader), epoch)
                 break
@@ -278,7 +279,7 @@ class Trainer:
         cfg = self.cfg
         best = os.path.join(self.run_dir, "best.pt")
         if os.path.exists(best):
-            self.model.load_state_dict(checkpoint.load(best, self.ctx.device)["model"])
+            checkpoint.load_module_state(self.model, checkpoint.load(best, self.ctx.device)["model"], best)
         report = dict(summary, name=cfg.name, prior=cfg.prior.kind, arch=cfg.model.arch,
                       dataset=cfg.data.dataset, n_train=self.data.n_train, world_size=self.ctx.world_size)
         if cfg.eval.at_end:  # every rank evaluates its slice of the test set

@@ -17,7 +17,6 @@ import importlib.util
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -295,11 +294,9 @@ def run(args) -> int:
 
 
 def _write(out: Path, results: dict, meta: dict) -> None:
-    for name, text in (("gpu-check.json", json.dumps(dict(meta=meta, steps=results), indent=1, default=str)),
-                       ("gpu-check.md", summary_markdown(results, meta))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    from bype.atomic import write_text_atomic
+    write_text_atomic(str(out / "gpu-check.json"), json.dumps(dict(meta=meta, steps=results), indent=1, default=str))
+    write_text_atomic(str(out / "gpu-check.md"), summary_markdown(results, meta))
 
 
 def main(argv=None) -> int:

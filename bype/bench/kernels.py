@@ -480,6 +480,7 @@ def compile_report(arch: int, shapes=REPORT_SHAPES, ds=REPORT_D, modes=("shared"
     compiler = _Compiler(arch)
     records = []
     t0 = time.perf_counter()
+    print("\n".join([REPORT_HEADER, "|" + "---|" * 10]), flush=True)  # rows follow as they compile
 
     def add(module, launch, B, M, d, log_var):
         res = compiler(getattr(module, launch.kernel), launch)
@@ -515,16 +516,14 @@ def run_compile_report(args) -> int:
     if bool(args.B) != bool(args.M):
         raise SystemExit("bype bench kernels: --compile-report takes both --B and --M, or neither")
     records = compile_report(int(arch), shapes, args.d or REPORT_D, (args.log_var,) if args.log_var else ("shared", "diag"))
-    table = "\n".join([REPORT_HEADER, "|" + "---|" * 10] + [_fmt_report(r) for r in records])
     worst = max(r["spill_bytes"] for r in records)
     few = min(r["programs"] for r in records)
     print(f"{len(records)} kernel calls: max spill {worst} B, fewest programs per launch {few}")
     if args.json:
+        from bype.atomic import write_text_atomic
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(records, indent=1))
-        tmp.replace(path)
+        write_text_atomic(str(path), json.dumps(records, indent=1))
         print(f"wrote {path}")
     return 0
 

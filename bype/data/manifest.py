@@ -30,6 +30,8 @@ import json
 import os
 import re
 
+from bype.atomic import write_text_atomic
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "bype-shards"
 VERSION = 1
@@ -60,13 +62,8 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
 
 
 def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to a temporary name, fsync, then rename: readers never see a half-written file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON atomically: readers never see a half-written file."""
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def is_remote(spec: str) -> bool:
