@@ -23,7 +23,8 @@ import torch
 from bype.data.memory import Split
 from bype.eval_memory import chunked_encoder, encode_rows, rows_within
 from bype.eval_noise import IndexNoise
-from bype.parallel.eval_shards import gather_rows, shard_range, sum_over_ranks
+from bype.parallel.eval_shards import gather_rows, sum_over_ranks
+from bype.parallel.shard import shard_range
 
 EVAL_SEED = 20211206  # the fixed binarisation and importance samples: the same inputs every evaluation
 VAL, TEST, REFERENCE = 1, 2, 3  # noise streams: one split's binarisation is not another's
@@ -95,7 +96,7 @@ def validation_loss(model, data: Inputs, batch_size: Optional[int] = None, seed:
     finally:
         model.noise = None
         model.train(was_training)
-    tot = sum_over_ranks(tot, world, _device(model))
+    tot = sum_over_ranks(tot, world)
     return {k: v / n for k, v in zip(("loss", "rec", "kl"), tot)}
 
 
@@ -166,7 +167,7 @@ def knn_accuracy(model, train: Split, test: Split, ks: list[int], ctx=None) -> d
     for k in ks:
         clf = KNeighborsClassifier(n_neighbors=k, algorithm="brute").fit(ref, train.y.numpy())
         correct.append(float((clf.predict(query) == test.y[lo:hi].numpy()).sum()) if hi > lo else 0.0)
-    totals = sum_over_ranks(correct, world, _device(model))
+    totals = sum_over_ranks(correct, world)
     return {f"knn_{k}": c / len(test) for k, c in zip(ks, totals)}
 
 

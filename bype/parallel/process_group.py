@@ -117,7 +117,7 @@ def tensor_digest(t: torch.Tensor) -> int:
     return int.from_bytes(h.digest(), "little") >> 1  # fits a signed int64
 
 
-def _comm_device() -> torch.device:
+def comm_device() -> torch.device:
     """NCCL moves only CUDA tensors; gloo only CPU ones."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -133,7 +133,7 @@ def check_replicated(tensors: dict[str, torch.Tensor], what: str) -> None:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     names = sorted(tensors)
-    mine = torch.tensor([tensor_digest(tensors[n]) for n in names], dtype=torch.int64, device=_comm_device())
+    mine = torch.tensor([tensor_digest(tensors[n]) for n in names], dtype=torch.int64, device=comm_device())
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
     bad_ranks, bad_names = [], set()
