@@ -76,11 +76,17 @@ class _NoiseRecorder:
 
 
 class CompiledLoss:
-    """`loss(x, idx, beta)` of `wrapped` (the model, or its DDP wrapper) through torch.compile."""
+    """`loss(x, idx, beta)` of `model` through torch.compile.
 
-    def __init__(self, wrapped: torch.nn.Module, model: torch.nn.Module, mode: str, fullgraph: bool = True):
-        self.wrapped, self.model = wrapped, model
-        self.compiled = torch.compile(wrapped, mode=None if mode == "default" else mode, fullgraph=fullgraph)
+    The bare model is compiled and `wrap` (DDP) goes around the compiled module, so DDP's own forward
+    (bucket bookkeeping, its logger: not traceable) runs eagerly and calls the compiled loss, whose
+    backward fires DDP's gradient hooks as usual. Compiling the DDP wrapper itself with fullgraph=True
+    fails in DDP's `_pre_forward`."""
+
+    def __init__(self, model: torch.nn.Module, mode: str, fullgraph: bool = True, wrap=None):
+        self.model = model
+        self.compiled = torch.compile(model, mode=None if mode == "default" else mode, fullgraph=fullgraph)
+        self.wrapped = wrap(self.compiled) if wrap is not None else self.compiled
         self.cudagraphs = mode in ("reduce-overhead", "max-autotune")  # the modes that capture CUDA graphs
         self.specs: dict[tuple, list] = {}  # the noise draws of one step, per input shape
         self.tape = NoiseTape()
@@ -100,7 +106,8 @@ class CompiledLoss:
             recorder = _NoiseRecorder(noise)
             self.model.noise = recorder
             try:
-                return self.wrapped(x, idx, beta)
+                with torch.compiler.set_stance("force_eager"):  # through the wrapper, the model uncompiled
+                    return self.wrapped(x, idx, beta)
             finally:
                 self.model.noise = noise
                 self.specs[key] = recorder.specs
@@ -112,6 +119,6 @@ class CompiledLoss:
         try:
             if self.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-            return self.compiled(x, idx, self._beta_tensor(beta, x.device))
+            return self.wrapped(x, idx, self._beta_tensor(beta, x.device))
         finally:
             self.model.noise = noise

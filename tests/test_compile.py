@@ -64,7 +64,7 @@ def test_loss_traces_as_one_graph(arch, prior):
 def test_compiled_loss_matches_eager_with_the_same_noise(device):
     torch._dynamo.reset()
     eager, compiled = _model("vae", "bype", device=device), _model("vae", "bype", device=device)
-    fn = CompiledLoss(compiled, compiled, "reduce-overhead" if device == "cuda" else "default")  # CUDA graphs
+    fn = CompiledLoss(compiled, "reduce-overhead" if device == "cuda" else "default")  # CUDA graphs
     x, idx = _batch(device=device)
     for step in range(3):  # step 0 records the draws eagerly, steps 1-2 replay them into the graph
         losses, grads = [], []

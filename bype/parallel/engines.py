@@ -28,7 +28,7 @@ class LocalEngine:
 
     def __init__(self, cfg, model: nn.Module, ctx, ddp: bool = False):
         self.module = model
-        self.wrapped = model
+        wrap = None
         if ddp:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -36,17 +36,22 @@ class LocalEngine:
             # Buffers (the coreset U, w; the exemplar bank) are kept in sync explicitly, never broadcast per step.
             no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
                 inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False}
-            self.wrapped = DistributedDataParallel(model, device_ids=dev, **no_sync)
+
+            def wrap(module):
+                return DistributedDataParallel(module, device_ids=dev, **no_sync)
+
             attach_row_shard(model, ctx, cfg.dist.shard_prior)
         self.optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
         self.grad_clip = cfg.train.grad_clip
         # Autocast: matmuls in bf16, parameters, optimiser and the model's heads and losses in fp32.
         self.autocast = dict(device_type=ctx.device.type, dtype=torch.bfloat16,
                              enabled=cfg.dist.precision == "bf16")
-        self.loss = self.wrapped
         mode, why = plan_compile(cfg, ctx.device)
-        if mode is not None:
-            self.loss = CompiledLoss(self.wrapped, model, mode, fullgraph=cfg.prior.kind != "exemplar")
+        if mode is not None:  # DDP goes around the compiled model (bype/compiled_loss.py)
+            self.loss = CompiledLoss(model, mode, fullgraph=cfg.prior.kind != "exemplar", wrap=wrap)
+            self.wrapped = self.loss.wrapped
+        else:
+            self.wrapped = self.loss = wrap(model) if wrap is not None else model
         log.info("engine: %s, %s, torch.compile %s", "DDP" if ddp else "one process",
                  "bf16 autocast" if self.autocast["enabled"] else "fp32", f"on ({why})" if mode else f"off ({why})")
 
