@@ -60,6 +60,16 @@ class Adam(_ImplementationKept, torch.optim.Adam):
     """torch's Adam with the fastest implementation for the device."""
 
 
+def set_learning_rate(optimizer, lr: float) -> set[float]:
+    """Give every param group `lr` (a resumed optimiser state brings back the saved rate; the config, with
+    its command-line overrides, decides: bype has no schedule). Returns the rates it replaced. Works on a
+    DeepSpeed ZeRO optimiser too, whose `param_groups` are its inner optimiser's."""
+    old = {g["lr"] for g in optimizer.param_groups}
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    return old
+
+
 def build_optimizer(cfg, params) -> torch.optim.Optimizer:
     params = list(params)
     cls = NormalizedAdam if cfg.train.optimizer == "normalized_adam" else Adam

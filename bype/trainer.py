@@ -29,6 +29,7 @@ from bype.evaluate import evaluate, validation_loss
 from bype.metrics import MetricsWriter, Progress, read_metrics, setup_logging
 from bype.models import build_model
 from bype.models.noise import RowNoise
+from bype.optim import set_learning_rate
 from bype.preflight import check_start
 from bype.atomic import write_text_atomic
 from bype.rundir import RunDirectory
@@ -158,6 +159,9 @@ class Trainer:
         state = checkpoint.load(path, map_location=self.ctx.device)
         checkpoint.load_module_state(self.model, state["model"], path)
         self.engine.load_state_dict(state["engine"])
+        replaced = set_learning_rate(self.engine.optimizer, self.cfg.train.lr) - {self.cfg.train.lr}
+        if replaced:
+            log.info("train.lr=%g replaces the checkpoint's %s", self.cfg.train.lr, ", ".join(f"{x:g}" for x in sorted(replaced)))
         if self.coreset is not None and state.get("coreset") is not None:
             self.coreset.load_state_dict(state["coreset"])
         checkpoint.set_rng_state(state["rng"])

@@ -33,6 +33,18 @@ def test_overrides_apply_with_yaml_types():
     assert cfg.eval.knn_k == [3, 5]
 
 
+def test_exponent_notation_is_a_number_in_overrides_and_files(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-3 as the string '1e-3'; float keys take it as the number people mean
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 1e-3
+    p = tmp_path / "lr.yaml"
+    p.write_text("train:\n  lr: 5E-4\n")
+    assert load_config(str(p)).train.lr == 5e-4
+    with pytest.raises(ConfigError, match="train.lr: expected a number, got '1e-3x'"):
+        load_config(None, ["train.lr=1e-3x"])
+    with pytest.raises(ConfigError, match="model.hidden: expected an integer"):
+        load_config(None, ["model.hidden=1e2"])  # integers stay integers
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.epochs=-1", "train.epochs: must be > 0"),
     ("train.epoch=3", "train.epoch: unknown key"),

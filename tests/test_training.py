@@ -52,6 +52,16 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, fmnist_root, prior):
     assert [r["val_loss"] for r in read_metrics(half.run_dir)] == [r["val_loss"] for r in read_metrics(full.run_dir)]
 
 
+def test_resume_applies_a_learning_rate_given_on_the_command_line(tmp_path, fmnist_root):
+    half = tiny_config(tmp_path, "prior.kind=gaussian", "train.epochs=1", "train.lr=1e-3", "name=lr")
+    Trainer(half).fit()
+    kept = Trainer(load_run_config(half.run_dir, ["train.epochs=2"]), resume=True)
+    assert {g["lr"] for g in kept.engine.optimizer.param_groups} == {1e-3}
+    lowered = Trainer(load_run_config(half.run_dir, ["train.epochs=2", "train.lr=2e-4"]), resume=True)
+    assert {g["lr"] for g in lowered.engine.optimizer.param_groups} == {2e-4}
+    assert lowered.engine.optimizer.state  # the Adam moments still came from the checkpoint
+
+
 def test_corrupt_checkpoint_gives_clear_error_and_previous_survives(tmp_path, fmnist_root):
     cfg = tiny_config(tmp_path, "prior.kind=gaussian", "train.epochs=2", "name=c")
     Trainer(cfg).fit()
