@@ -38,7 +38,7 @@ def _cmd_train(args) -> int:
         cfg = load_config(args.config, args.overrides)
     resume = bool(args.resume)
     if args.check:
-        return _check_train(cfg, resume)
+        return _check_train(cfg, resume, args.world_size)
     if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 \
             and os.path.exists(os.path.join(cfg.run_dir, "last.pt")):
         resume = True  # an elastic restart picks up the latest checkpoint by itself
@@ -48,17 +48,19 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _check_train(cfg, resume: bool) -> int:
+def _check_train(cfg, resume: bool, world_size: int) -> int:
     """What a start checks before any worker starts (launch/*.sh call this once), reported in one line."""
     from bype import checkpoint
-    from bype.preflight import check_start
+    from bype.preflight import check_resume_world, check_start
 
-    counts = check_start(cfg, resume)
+    counts = check_start(cfg, resume, world_size)
     if resume:
-        checkpoint.load(os.path.join(cfg.run_dir, "last.pt"))  # truncated or foreign checkpoints stop here
+        path = os.path.join(cfg.run_dir, "last.pt")
+        state = checkpoint.load(path)  # truncated or foreign checkpoints stop here
+        check_resume_world(state, world_size, path)
     sizes = ", ".join(f"{k} {v}" for k, v in counts.items())
     print(f"bype: check passed: {'resume' if resume else 'start'} {cfg.run_dir} ({cfg.prior.kind} prior, "
-          f"{cfg.model.arch}, {cfg.data.dataset}: {sizes})")
+          f"{cfg.model.arch}, {cfg.data.dataset}: {sizes}; {world_size} process{'es' if world_size > 1 else ''})")
     return 0
 
 
@@ -119,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--check", action="store_true",
                    help="only validate the config, the data sizes and the run directory (one line; exit 2 if bad)")
+    p.add_argument("--world-size", type=int, default=1, metavar="N",
+                   help="with --check: the processes the run will have (the launchers pass it)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.set_defaults(func=_cmd_train)
 

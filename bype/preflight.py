@@ -85,9 +85,31 @@ def check_sizes(cfg: Config, counts: dict[str, int], where: str) -> None:
                           f"classifier searches ({where})")
 
 
-def check_start(cfg: Config, resume: bool) -> dict[str, int]:
-    """The checks of a start (fresh or resumed) that need no model: run directory, then data sizes."""
+def check_world(cfg: Config, world_size: int) -> None:
+    """What the number of processes asks of the config: each rank takes batch_size / world rows per step."""
+    if world_size < 1:
+        raise ConfigError(f"world size: must be >= 1, got {world_size}")
+    if world_size > 1 and cfg.dist.engine == "none":
+        raise ConfigError(f"dist.engine: none cannot run {world_size} processes; use ddp or deepspeed")
+    if cfg.train.batch_size % world_size:
+        fit = world_size * max(1, round(cfg.train.batch_size / world_size))
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} (the global batch) is not divisible by the "
+                          f"world size {world_size}; use a multiple of {world_size}, e.g. {fit}")
+
+
+def check_resume_world(state: dict, world_size: int, path: str) -> None:
+    """A ZeRO-1/2 checkpoint holds the optimiser partitioned over the ranks that wrote it."""
+    engine = state.get("engine") or {}
+    saved, stage = engine.get("world_size"), engine.get("zero_stage")
+    if stage in (1, 2) and saved is not None and saved != world_size:
+        raise ConfigError(f"{path}: the ZeRO-{stage} optimiser state was partitioned over {saved} ranks; "
+                          f"resume with {saved} processes, not {world_size}")
+
+
+def check_start(cfg: Config, resume: bool, world_size: int = 1) -> dict[str, int]:
+    """The checks of a start (fresh or resumed) that need no model: run directory, world size, data sizes."""
     check_run_dir(cfg.run_dir, resume)
+    check_world(cfg, world_size)
     counts, where = data_counts(cfg)
     check_sizes(cfg, counts, where)
     return counts

@@ -75,7 +75,7 @@ class Trainer:
         self.ctx = ctx or init_distributed(cfg)
         setup_logging(self.ctx.rank)
         self.run_dir = cfg.run_dir
-        check_start(cfg, resume)  # run directory and data sizes, one line each; nothing is written before begin()
+        check_start(cfg, resume, self.ctx.world_size)  # run directory and data sizes, one line each; nothing is written before begin()
         self.rundir = RunDirectory(self.run_dir, self.ctx.is_main)
         seed_everything(cfg.seed)  # the same seed on every rank: identical initialisation everywhere
         eval_memory.configure(cfg.eval.memory_mb)

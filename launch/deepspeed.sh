@@ -16,7 +16,7 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions
 extra=()
 case " $* " in *" dist.engine="* | *" --resume "* | *" --resume="*) ;; *) extra=(dist.engine=deepspeed) ;; esac
 source launch/check.sh
-check_config "$DEEPSPEED" "$@" "${extra[@]}"
+check_config "$DEEPSPEED" "$([ -z "${HOSTFILE:-}" ] && world_of 1 "$NPROC")" "$@" "${extra[@]}"
 hosts=()
 [ -n "${HOSTFILE:-}" ] && hosts=(--hostfile "$HOSTFILE")
 exec "$DEEPSPEED" "${hosts[@]}" --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" --no_local_rank \

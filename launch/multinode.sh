@@ -37,7 +37,7 @@ case " $* " in *" dist.engine="* | *" --resume "* | *" --resume="*) ;; *) extra=
 # Node 0 hosts the rendezvous store; saying so beats torchrun's host-name matching (aliases, several NICs).
 is_host=$([ "$NODE_RANK" = 0 ] && echo 1 || echo 0)
 source launch/check.sh
-check_config "$TORCHRUN" "$@" "${extra[@]}"  # on every node: each would start workers
+check_config "$TORCHRUN" "$(world_of "$NNODES" "$NPROC_PER_NODE")" "$@" "${extra[@]}"  # on every node: each would start workers
 exec "$TORCHRUN" --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC_PER_NODE" \
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID" \
   --rdzv-conf "is_host=$is_host" --max-restarts "${MAX_RESTARTS:-3}" \

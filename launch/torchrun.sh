@@ -23,6 +23,6 @@ if [[ "$NPROC" =~ ^[0-9]+$ && -z "${OMP_NUM_THREADS:-}" ]]; then
   export OMP_NUM_THREADS=$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))
 fi
 source launch/check.sh
-check_config "$TORCHRUN" "$@" "${extra[@]}"
+check_config "$TORCHRUN" "$(world_of 1 "$NPROC")" "$@" "${extra[@]}"
 exec "$TORCHRUN" --standalone --nproc-per-node "$NPROC" --max-restarts "${MAX_RESTARTS:-0}" \
   -m bype.cli train "$@" "${extra[@]}"

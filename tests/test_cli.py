@@ -76,3 +76,38 @@ def test_launchers_report_a_bad_key_once_before_any_worker(launcher, tmp_path):
     assert r.stdout == "" and len(lines) == 1, r.stderr  # one line, printed once, no traceback
     assert lines[0].startswith("bype: error: train.epoch: unknown key (known here: ") and " epochs," in lines[0]
     assert os.listdir(tmp_path) == []
+
+
+# Each launcher knows its process count: 2 (torchrun, deepspeed, 2 nodes x 1), 3 (SLURM: 3 nodes x 1).
+WORLDS = {"torchrun.sh": 2, "deepspeed.sh": 2, "multinode.sh": 2, "slurm.sbatch": 3}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS, ids=lambda a: a[0].split("/")[1])
+def test_launchers_check_the_batch_against_their_world_size(launcher, tmp_path):
+    world = WORLDS[launcher[0].split("/")[1]]
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict(os.environ, TORCHRUN=os.path.join(bin_dir, "torchrun"), DEEPSPEED=os.path.join(bin_dir, "deepspeed"),
+               PYTHONPATH=ROOT, SLURM_NNODES="3", SLURM_GPUS_ON_NODE="1")
+    env.pop("HOSTFILE", None)
+    r = subprocess.run(["bash", *launcher, f"out_dir={tmp_path}", "train.batch_size=101"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"bype: error: train.batch_size: 101 (the global batch) is not divisible by the "
+                                f"world size {world}; use a multiple of {world}, e.g. {world * round(101 / world)}")
+    assert os.listdir(tmp_path) == []
+
+
+def test_check_of_a_zero_resume_needs_the_same_world_size(tmp_path, capsys):
+    from bype import checkpoint
+
+    run = tmp_path / "z"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"out_dir: {tmp_path}\nname: z\ndist:\n  engine: deepspeed\n  zero_stage: 2\n"
+                                     "data:\n  train_limit: 1000\n")
+    checkpoint.save({"engine": {"deepspeed_tag": "epoch1", "zero_stage": 2, "world_size": 2}}, str(run / "last.pt"))
+    assert main(["train", "--check", "--world-size", "4", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"bype: error: {run / 'last.pt'}: the ZeRO-2 optimiser state was partitioned over 2 ranks; "
+                   "resume with 2 processes, not 4")
+    assert main(["train", "--check", "--world-size", "2", "--resume", str(run)]) == 0
+    assert "2 processes" in capsys.readouterr().out
