@@ -54,3 +54,22 @@ def test_efficiency_definitions():
     weak = predict(PROFILE, DEV, 4, weak=True)
     assert weak["t_compute"] == pytest.approx((4e9 + 6e9 / 4) / 1e12)
     assert math.isclose(efficiency(PROFILE, DEV, 4, weak=True), t1 / weak["t_step"])
+
+
+def test_a_compiled_step_is_counted_like_the_eager_one():
+    """FlopCounterMode cannot trace into a compiled graph (it failed `bype bench scaling` under the default
+    train.compile): the count runs the step's eager operators."""
+    import torch
+
+    from bype.compiled_loss import CompiledLoss
+    from bype.models import build_model
+    from bype.parallel.flops import count_step
+
+    torch.manual_seed(0)
+    model = build_model(load_config(None, ["model.hidden=30", "model.latent_dim=4", "prior.components=10"]),
+                        (1, 28, 28))
+    model.prior.init_from_data(torch.rand(10, 784), 100)
+    x, idx = torch.rand(6, 784), torch.arange(6)
+    eager = count_step(model, model, x, idx)
+    compiled = count_step(CompiledLoss(model, "default"), model, x, idx)
+    assert eager["flops"] > 0 and compiled == eager

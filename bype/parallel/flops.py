@@ -34,12 +34,15 @@ def _train_step(model, x, idx, step) -> None:
 
 
 def count_step(step, model, x: torch.Tensor, idx: Optional[torch.Tensor] = None) -> dict:
-    """FLOPs and operators of one forward + backward `step(x, idx, beta)` (the engine's call, or the model)."""
+    """FLOPs and operators of one forward + backward `step(x, idx, beta)` (the engine's call, or the model).
+
+    Counted on the eager operators, also under `train.compile`: a dispatch mode cannot trace into a compiled
+    graph, and the operator count is what the cost model charges per launch of an eager step."""
     model.train()
-    with FlopCounterMode(display=False) as flops:
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as flops:
         _train_step(model, x, idx, step)
     model.zero_grad(set_to_none=True)
-    with _OpCounter() as ops:
+    with torch.compiler.set_stance("force_eager"), _OpCounter() as ops:
         _train_step(model, x, idx, step)
     model.zero_grad(set_to_none=True)
     return {"flops": flops.get_total_flops(), "ops": ops.ops}
