@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -101,20 +101,10 @@ def _precision(target: tiling.Target) -> str:
     return "tf32" if (target.cuda and torch.version.hip is None) else "ieee"
 
 
-def _pad_rows(t: Tensor, rows: int, value: float) -> Tensor:
-    if t.shape[0] == rows:
-        return t.contiguous()
-    pad = t.new_full((rows - t.shape[0], *t.shape[1:]), value)
-    return torch.cat([t, pad]).contiguous()
-
-
-def _pad_cols(t: Tensor, cols: int) -> Tensor:
-    return torch.nn.functional.pad(t, (0, cols - t.shape[1])) if t.shape[1] < cols else t
-
-
 @dataclass
 class _Operands:
-    """Host-built kernel operands (see kernels/mixture_triton.py), rows padded to the tiles."""
+    """Kernel operands (see kernels/mixture_triton.py), rows padded to the tiles, built on the device by
+    the preparation kernels (kernels/mixture_prep_triton.py) from the inputs kept here."""
     mode: str
     B: int
     M: int
@@ -122,9 +112,11 @@ class _Operands:
     K: int
     B_pad: int
     M_pad: int
-    zc: Tensor      # centred z, fp32 [B, d]
-    mc: Tensor      # centred means, fp32 [M, d]
-    p: Tensor       # precision, [M] or [M, d]
+    z: Tensor       # the inputs, as given (strided rows; any float dtype)
+    means: Tensor
+    log_weights: Tensor
+    log_var: Tensor
+    centre: Tensor  # fp32 [d]: the mean of the means (the density is shift invariant)
     l_hi: Tensor    # [B_pad, K]
     l_lo: Tensor
     r_hi: Tensor    # [M_pad, K]
@@ -134,6 +126,12 @@ class _Operands:
     p2: Tensor
     q: Tensor
     w: Tensor       # responsibility weight of grad z: p (isotropic) or 1 (diagonal)
+    lse2: Optional[Tensor] = None  # backward: [B_pad] log2-sum-exp (+inf: zero density or padding)
+    g: Optional[Tensor] = None     # backward: [B_pad] upstream gradient (0 there)
+
+
+PREP_ROWS = 16  # rows per program of the preparation / combination kernels (every tile is a multiple)
+LV_MODES = {"shared": 0, "component": 1, "diag": 2}
 
 
 def _k_of(mode: str, d: int) -> int:
@@ -141,42 +139,46 @@ def _k_of(mode: str, d: int) -> int:
 
 
 def _padding(B: int, M: int, K: int, target: tiling.Target) -> tuple[int, int]:
-    """Row counts that every kernel's tiles divide (tiles are powers of two)."""
+    """Row counts that every kernel's tiles divide (tiles are powers of two, >= PREP_ROWS)."""
     cfgs = [tile_config(k, B, M, K, target) for k in ("fwd", "bwd_z", "bwd_m")]
-    pb = max(c[0] for c in cfgs)
-    pm = max(c[1] for c in cfgs)
+    pb = max(PREP_ROWS, *(c[0] for c in cfgs))
+    pm = max(PREP_ROWS, *(c[1] for c in cfgs))
     return tiling.cdiv(max(B, 1), pb) * pb, tiling.cdiv(M, pm) * pm
 
 
-def _operands(z, means, log_weights, log_var, target: tiling.Target) -> _Operands:
-    zc, mc, lw, lv = (t.float() for t in ref._prepare(z, means, log_weights, log_var))
-    B, d = zc.shape
-    M = mc.shape[0]
+def _rows_meta(target: tiling.Target, **constexprs) -> dict:
+    return dict(BLOCK_R=PREP_ROWS, num_warps=4 if target.cuda else 1, **constexprs)
+
+
+def _operands(z, means, log_weights, log_var, target: tiling.Target, out: Optional[Tensor] = None,
+              grad: Optional[Tensor] = None) -> tuple[_Operands, list[tiling.Launch]]:
+    """The operands' buffers and the two launches that fill them (rows of z, components); with ``out``
+    (the forward's fp32 log-density) and ``grad`` the rows' launch also writes the backward's lse2, g."""
+    B, d = z.shape
+    M = means.shape[0]
     mode = ref.log_var_mode(log_var)
     K = _k_of(mode, d)
     B_pad, M_pad = _padding(B, M, K, target)
-    if mode == "diag":
-        p = torch.exp(-lv)
-        L = torch.cat([zc * zc, zc], 1)
-        R = torch.cat([p, -2.0 * p * mc], 1)
-        zz = zc.new_zeros(B)
-        q = (p * mc * mc).sum(1)
-        c = lw - 0.5 * (LOG_2PI * d + lv.sum(1))
-        p2 = torch.full_like(c, 0.5 * LOG2E)
-        w = torch.ones_like(c)
-    else:
-        p = torch.exp(-lv.expand(M))
-        L, R = zc, -2.0 * mc  # x2 is exact: the hi/lo split of R is that of m
-        zz = (zc * zc).sum(1)
-        q = (mc * mc).sum(1)
-        c = lw - 0.5 * d * (LOG_2PI + lv.expand(M))
-        p2 = 0.5 * LOG2E * p
-        w = p
-    l_hi, l_lo = tiling.tf32_split(_pad_rows(_pad_cols(L, K), B_pad, 0.0))
-    r_hi, r_lo = tiling.tf32_split(_pad_rows(_pad_cols(R, K), M_pad, 0.0))
-    return _Operands(mode, B, M, d, K, B_pad, M_pad, zc, mc, p, l_hi, l_lo, r_hi, r_lo,
-                     _pad_rows(zz, B_pad, 0.0), _pad_rows(LOG2E * c, M_pad, -math.inf),
-                     _pad_rows(p2, M_pad, 0.0), _pad_rows(q, M_pad, 0.0), _pad_rows(w, M_pad, 0.0))
+    f32 = dict(dtype=torch.float32, device=z.device)
+    centre = means.detach().float().mean(0)
+    backward = out is not None
+    # contiguous: the kernels read rows with unit column stride (a no-op, no launch, for the usual inputs)
+    ops = _Operands(mode, B, M, d, K, B_pad, M_pad, *(t.detach().contiguous() for t in (z, means, log_weights, log_var)),
+                    centre,
+                    *(torch.empty(B_pad, K, **f32) for _ in range(2)), *(torch.empty(M_pad, K, **f32) for _ in range(2)),
+                    torch.empty(B_pad, **f32), *(torch.empty(M_pad, **f32) for _ in range(4)),
+                    *((torch.empty(B_pad, **f32), torch.empty(B_pad, **f32)) if backward else (None, None)))
+    rows = tiling.Launch("_mixture_prep_rows_kernel", (B_pad // PREP_ROWS,),
+                         (ops.z, centre, ops.l_hi, ops.l_lo, ops.zz, out if backward else ops.zz,
+                          grad.detach().contiguous() if backward else ops.zz, ops.lse2 if backward else ops.zz,
+                          ops.g if backward else ops.zz, B, d, ops.z.stride(0)),
+                         _rows_meta(target, DIAG=mode == "diag", BACKWARD=backward, BLOCK_K=K))
+    lv_stride = ops.log_var.stride(0) if mode == "diag" else 0
+    components = tiling.Launch("_mixture_prep_components_kernel", (M_pad // PREP_ROWS,),
+                               (ops.means, centre, ops.log_weights, ops.log_var, ops.r_hi, ops.r_lo, ops.c2, ops.p2,
+                                ops.q, ops.w, M, d, ops.means.stride(0), lv_stride),
+                               _rows_meta(target, LV_MODE=LV_MODES[mode], BLOCK_K=K, BLOCK_D=tiling.pow2_at_least(d, 1)))
+    return ops, [rows, components]
 
 
 def _meta(kernel: str, ops: _Operands, target: tiling.Target) -> dict:
@@ -201,29 +203,41 @@ def _launch(kernel: str, ops: _Operands, target: tiling.Target, inputs: tuple, p
     return tiling.Launch(f"_mixture_{kernel}_kernel", (tiles, splits), args, meta), outs
 
 
-def forward_launch(ops: _Operands, target: tiling.Target):
-    """Partial max and sum of 2^s2 per (split, row)."""
-    return _launch("fwd", ops, target, (), [(), ()])
+def forward_launches(ops: _Operands, target: tiling.Target) -> tuple[list[tiling.Launch], Tensor]:
+    """The forward kernel (partial max and sum of 2^s2 per split and row) and the combination of its
+    splits into the fp32 log-density [B], which it returns."""
+    fwd, (pmax, psum) = _launch("fwd", ops, target, (), [(), ()])
+    lse = ops.zz.new_empty(ops.B)
+    combine = tiling.Launch("_mixture_combine_fwd_kernel", (ops.B_pad // PREP_ROWS,),
+                            (pmax, psum, lse, ops.B, ops.B_pad, pmax.shape[0]), _rows_meta(target))
+    return [fwd, combine], lse
 
 
-def _backward_rows(ops: _Operands, grad: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
-    """(lse2, g) padded: rows of zero density (lse = -inf) get g = 0 and lse2 = +inf so that
-    every 2^(s2 - lse2) is 0; NaN rows stay NaN (bad inputs must show)."""
-    lse = out.detach().float()
-    dead = lse == -math.inf
-    lse2 = torch.where(dead, math.inf, lse * LOG2E)
-    g = torch.where(dead, 0.0, grad.detach().float())
-    return _pad_rows(lse2, ops.B_pad, math.inf), _pad_rows(g, ops.B_pad, 0.0)
+def backward_z_launches(ops: _Operands, target: tiling.Target) -> tuple[list[tiling.Launch], Tensor]:
+    """The z-backward kernel (partial sum_m G w R[m] [.., K] and sum_m G w per split and row) and its
+    finish into grad z, fp32 [B, d], which it returns."""
+    bwd, (py, pr) = _launch("bwd_z", ops, target, (ops.w, ops.lse2, ops.g), [(ops.K,), ()])
+    gz = ops.zz.new_empty(ops.B, ops.d)
+    finish = tiling.Launch("_mixture_finish_z_kernel", (ops.B_pad // PREP_ROWS,),
+                           (py, pr, ops.z, ops.centre, gz, ops.B, ops.B_pad, ops.d, ops.z.stride(0), py.shape[0]),
+                           _rows_meta(target, DIAG=ops.mode == "diag", BLOCK_K=ops.K,
+                                      BLOCK_D=tiling.pow2_at_least(ops.d, 1)))
+    return [bwd, finish], gz
 
 
-def backward_z_launch(ops: _Operands, lse2: Tensor, g: Tensor, target: tiling.Target):
-    """Partial sum_m G w R[m] [.., K] and sum_m G w per (split, row)."""
-    return _launch("bwd_z", ops, target, (ops.w, lse2, g), [(ops.K,), ()])
-
-
-def backward_m_launch(ops: _Operands, lse2: Tensor, g: Tensor, target: tiling.Target):
-    """Partial sum_b G L[b] [.., K], sum_b G and sum_b G d2 per (split, component)."""
-    return _launch("bwd_m", ops, target, (lse2, g), [(ops.K,), (), ()])
+def backward_m_launches(ops: _Operands, target: tiling.Target) -> tuple[list[tiling.Launch], tuple]:
+    """The component backward (partial sum_b G L[b] [.., K], sum_b G, sum_b G d2 per split and component)
+    and its finish into fp32 grads of means [M, d], log_weights [M], log_var ([M] or [M, d] per row)."""
+    bwd, (px, pcs, pgd) = _launch("bwd_m", ops, target, (ops.lse2, ops.g), [(ops.K,), (), ()])
+    gm, gw = ops.zz.new_empty(ops.M, ops.d), ops.zz.new_empty(ops.M)
+    glv = ops.zz.new_empty(ops.M, ops.d) if ops.mode == "diag" else ops.zz.new_empty(ops.M)
+    lv_stride = ops.log_var.stride(0) if ops.mode == "diag" else 0
+    finish = tiling.Launch("_mixture_finish_m_kernel", (ops.M_pad // PREP_ROWS,),
+                           (px, pcs, pgd, ops.means, ops.centre, ops.log_var, gm, gw, glv, ops.M, ops.M_pad, ops.d,
+                            ops.means.stride(0), lv_stride, px.shape[0]),
+                           _rows_meta(target, LV_MODE=LV_MODES[ops.mode], BLOCK_K=ops.K,
+                                      BLOCK_D=tiling.pow2_at_least(ops.d, 1)))
+    return [bwd, finish], (gm, gw, glv)
 
 
 def all_launches(B: int, M: int, d: int, mode: str, target: tiling.Target) -> list[tiling.Launch]:
@@ -233,72 +247,64 @@ def all_launches(B: int, M: int, d: int, mode: str, target: tiling.Target) -> li
     z = torch.empty(B, d, device=meta_dev)
     means = torch.empty(M, d, device=meta_dev)
     lv = torch.empty({"shared": (), "component": (M,), "diag": (M, d)}[mode], device=meta_dev)
-    ops = _operands(z, means, torch.empty(M, device=meta_dev), lv, target)
-    lse2, g = _backward_rows(ops, torch.empty(B, device=meta_dev), torch.empty(B, device=meta_dev))
-    return [forward_launch(ops, target)[0], backward_z_launch(ops, lse2, g, target)[0],
-            backward_m_launch(ops, lse2, g, target)[0]]
+    lw = torch.empty(M, device=meta_dev)
+    ops, prep = _operands(z, means, lw, lv, target)
+    fwd, lse = forward_launches(ops, target)
+    bops, bprep = _operands(z, means, lw, lv, target, out=lse, grad=torch.empty(B, device=meta_dev))
+    return [*prep, *fwd, *bprep, *backward_z_launches(bops, target)[0], *backward_m_launches(bops, target)[0]]
 
 
 def _run(launch: tiling.Launch, device: torch.device) -> None:
     getattr(_triton_module(device), launch.kernel)[launch.grid](*launch.args, **launch.meta)
 
 
+def _run_all(launches: list[tiling.Launch], device: torch.device) -> None:
+    for launch in launches:
+        _run(launch, device)
+
+
 def triton_forward(z: Tensor, means: Tensor, log_weights: Tensor, log_var: Tensor) -> Tensor:
-    """Forward on the Triton path; returns fp32 [B]."""
-    B = z.shape[0]
-    if B == 0:
+    """Forward on the Triton path; returns fp32 [B]. Four launches: two preparation kernels, the
+    forward, the combination of its splits."""
+    if z.shape[0] == 0:
         return torch.empty(0, dtype=torch.float32, device=z.device)
     target = tiling.target_for(z.device)
-    ops = _operands(z, means, log_weights, log_var, target)
-    launch, (pmax, psum) = forward_launch(ops, target)
-    _run(launch, z.device)
-    # combine the splits in a fixed order (deterministic); all -inf: -inf + log2(0) = -inf
-    mx = pmax.max(0).values
-    safe = torch.where(mx == -math.inf, 0.0, mx)
-    total = (psum * torch.exp2(pmax - safe)).sum(0)
-    return ((mx + torch.log2(total)) * LN2)[:B]
+    ops, prep = _operands(z, means, log_weights, log_var, target)
+    fwd, lse = forward_launches(ops, target)
+    _run_all([*prep, *fwd], z.device)
+    return lse
 
 
 def triton_backward(grad: Tensor, z: Tensor, means: Tensor, log_weights: Tensor, log_var: Tensor,
                     out: Tensor, need_z: bool = True, need_components: bool = True):
+    """Gradients of (z, means, log_weights, log_var) from the upstream ``grad`` and the forward's fp32
+    log-density ``out``. Launches: two preparation kernels, then per side needed its backward kernel
+    and the kernel that finishes its gradients from the splits.
+
+        dz_b  = sum_m G_bm w_m (R-side terms)   dm_m = p_m (sum_b G z_b - cs_m m_m)   dlog_w = cs = sum_b G
+        dlv_m = -d/2 cs_m + p_m/2 sum_b G |z_b - m_m|^2      (diag: per coordinate)
+    """
     B, d = z.shape
     M = means.shape[0]
-    mode = ref.log_var_mode(log_var)
     gz = gm = gw = glv = None
     if B > 0 and (need_z or need_components):
         target = tiling.target_for(z.device)
-        ops = _operands(z, means, log_weights, log_var, target)
-        lse2, g = _backward_rows(ops, grad, out)
+        ops, launches = _operands(z, means, log_weights, log_var, target, out=out.detach().float(), grad=grad)
         if need_z:
-            launch, (py, pr) = backward_z_launch(ops, lse2, g, target)
-            _run(launch, z.device)
-            Y, r = py.sum(0)[:B], pr.sum(0)[:B]
-            if mode == "diag":  # Y = [G P, -2 G P m]
-                gz = -0.5 * Y[:, d:2 * d] - ops.zc * Y[:, :d]
-            else:  # Y = -2 G p m
-                gz = -0.5 * Y[:, :d] - r[:, None] * ops.zc
+            side, gz = backward_z_launches(ops, target)
+            launches += side
         if need_components:
-            launch, (px, pcs, pgd) = backward_m_launch(ops, lse2, g, target)
-            _run(launch, z.device)
-            X, cs, gd = px.sum(0)[:M], pcs.sum(0)[:M], pgd.sum(0)[:M]
-            mc, p = ops.mc, ops.p
-            gw = cs
-            if mode == "diag":  # X = [G^T z^2, G^T z]
-                T2, T = X[:, :d], X[:, d:2 * d]
-                gm = p * (T - cs[:, None] * mc)
-                glv = -0.5 * cs[:, None] + 0.5 * p * (T2 - 2.0 * mc * T + mc * mc * cs[:, None])
-            else:  # X = G^T z; gd = sum_b G |z_b - m|^2
-                gm = p[:, None] * (X[:, :d] - cs[:, None] * mc)
-                glv = -0.5 * d * cs + 0.5 * p * gd
-                if mode == "shared":
-                    glv = glv.sum()
+            side, (gm, gw, glv) = backward_m_launches(ops, target)
+            launches += side
+        _run_all(launches, z.device)
+        if need_components and ops.mode == "shared":
+            glv = glv.sum()
     # gradients not asked for: zeros (the autograd wrapper drops them)
     gz = torch.zeros(B, d, device=z.device) if gz is None else gz
     gm = torch.zeros(M, d, device=z.device) if gm is None else gm
     gw = torch.zeros(M, device=z.device) if gw is None else gw
     glv = torch.zeros(log_var.shape, device=z.device) if glv is None else glv
-    return (gz.to(z.dtype).contiguous(), gm.to(means.dtype).contiguous(),
-            gw.to(log_weights.dtype).contiguous(), glv.to(log_var.dtype).contiguous())
+    return (gz.to(z.dtype), gm.to(means.dtype), gw.to(log_weights.dtype), glv.to(log_var.dtype))
 
 
 # ========================================================================================

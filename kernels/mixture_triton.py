@@ -25,6 +25,13 @@ fixed order (deterministic, no atomics).
 import triton
 import triton.language as tl
 
+# The launchers find every kernel of a pass by name on this module: the preparation and combination
+# kernels live beside it (kernels/mixture_prep_triton.py).
+from .mixture_prep_triton import (  # noqa: F401
+    _mixture_combine_fwd_kernel, _mixture_finish_m_kernel, _mixture_finish_z_kernel,
+    _mixture_prep_components_kernel, _mixture_prep_rows_kernel,
+)
+
 
 @triton.jit
 def _split_tf32(x):

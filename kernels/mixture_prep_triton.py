@@ -1,0 +1,198 @@
+"""Triton kernels around the mixture kernels: operand preparation and the combination of splits.
+
+At the training shape (100 rows, 500 components) a call is launch bound: what counts is how many kernels
+the host issues. Built from torch operators, the centring, tf32 split, padding and per-component
+constants took ~35 launches per pass and the combination of the splits ~10 more (forward) or ~25
+(backward). These kernels do the same in one launch each (``bype bench kernels --launches`` counts them):
+
+* ``_mixture_prep_rows_kernel``: z rows -> L hi / lo [B_pad, K], |z - c|^2 (isotropic) [B_pad]; in the backward
+  also the padded lse2 (log2 units, +inf for rows of zero density or padding) and g (0 there).
+* ``_mixture_prep_components_kernel``: means, log weights, log-variances -> R hi / lo [M_pad, K] and
+  c2, p2, q, w [M_pad] (padding: c2 = -inf, the rest 0).
+* ``_mixture_combine_fwd_kernel``: partial max / sum per split -> log-density [B] (fixed order, deterministic).
+* ``_mixture_finish_z_kernel``, ``_mixture_finish_m_kernel``: partial backward sums per split -> the gradients of z and of
+  (means, log weights, log-variances), the formulas of ``kernels.mixture.triton_backward``'s docstring.
+
+Every operand definition is the one in :mod:`kernels.mixture_triton`'s docstring; ``c`` is the centre
+(the mean of the means, computed by the host: one reduction). Rows beyond B / M and columns beyond the
+used K are written as padding, so the main kernels need no masks.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+LOG_2PI = tl.constexpr(1.8378770664093453)
+
+
+@triton.jit
+def _tf32_hi(x):
+    """The tf32-exact high part of x (round to nearest, 10-bit mantissa): tiling.tf32_split's bits."""
+    return ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store_hilo(hi_ptr, lo_ptr, offs, x):
+    hi = _tf32_hi(x)
+    tl.store(hi_ptr + offs, hi)
+    tl.store(lo_ptr + offs, x - hi)
+
+
+@triton.jit
+def _mixture_prep_rows_kernel(z_ptr, c_ptr, lh_ptr, ll_ptr, zz_ptr, out_ptr, grad_ptr, lse2_ptr, g_ptr,
+                      B, d, stride_z,
+                      DIAG: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_K)
+    live = rows < B
+    # column j of L reads coordinate j (isotropic), or j and j - d of [z^2, z] (diagonal)
+    coord = tl.where(cols < d, cols, cols - d) if DIAG else cols
+    used = cols < (2 * d if DIAG else d)
+    mask = live[:, None] & used[None, :]
+    zc = tl.load(z_ptr + rows[:, None] * stride_z + coord[None, :], mask=mask, other=0.0).to(tl.float32)
+    zc = tl.where(mask, zc - tl.load(c_ptr + coord, mask=used, other=0.0)[None, :], 0.0)
+    offs = rows[:, None] * BLOCK_K + cols[None, :]
+    if DIAG:
+        _store_hilo(lh_ptr, ll_ptr, offs, tl.where(cols[None, :] < d, zc * zc, zc))
+        tl.store(zz_ptr + rows, tl.zeros((BLOCK_R,), tl.float32))
+    else:
+        _store_hilo(lh_ptr, ll_ptr, offs, zc)
+        tl.store(zz_ptr + rows, tl.sum(zc * zc, axis=1))
+    if BACKWARD:
+        lse = tl.load(out_ptr + rows, mask=live, other=float("-inf"))
+        grad = tl.load(grad_ptr + rows, mask=live, other=0.0).to(tl.float32)
+        dead = lse == float("-inf")  # zero density or padding: every 2^(s2 - lse2) must be 0, g 0
+        tl.store(lse2_ptr + rows, tl.where(dead, float("inf"), lse * LOG2E))
+        tl.store(g_ptr + rows, tl.where(dead, 0.0, grad))
+
+
+@triton.jit
+def _mixture_prep_components_kernel(means_ptr, c_ptr, lw_ptr, lv_ptr, rh_ptr, rl_ptr, c2_ptr, p2_ptr, q_ptr, w_ptr,
+                            M, d, stride_m, stride_lv,
+                            LV_MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
+    """LV_MODE 0: shared log-variance (0-dim), 1: one per component [M], 2: diagonal [M, d]."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = rows < M
+    dcols = tl.arange(0, BLOCK_D)
+    dmask = live[:, None] & (dcols < d)[None, :]
+    centre = tl.load(c_ptr + dcols, mask=dcols < d, other=0.0)
+    mc = tl.load(means_ptr + rows[:, None] * stride_m + dcols[None, :], mask=dmask, other=0.0).to(tl.float32)
+    mc = tl.where(dmask, mc - centre[None, :], 0.0)
+    lw = tl.load(lw_ptr + rows, mask=live, other=0.0).to(tl.float32)
+    cols = tl.arange(0, BLOCK_K)
+    offs = rows[:, None] * BLOCK_K + cols[None, :]
+    if LV_MODE == 2:
+        lv = tl.load(lv_ptr + rows[:, None] * stride_lv + dcols[None, :], mask=dmask, other=0.0).to(tl.float32)
+        prec = tl.where(dmask, tl.exp(-lv), 0.0)
+        c = lw - 0.5 * (LOG_2PI * d + tl.sum(lv, axis=1))
+        q = tl.sum(prec * mc * mc, axis=1)
+        # R = [P, -2 P m]: column j reads coordinate j or j - d, loaded again in the K-column layout
+        coord = tl.where(cols < d, cols, cols - d)
+        kmask = live[:, None] & (cols < 2 * d)[None, :]
+        mk = tl.load(means_ptr + rows[:, None] * stride_m + coord[None, :], mask=kmask, other=0.0).to(tl.float32)
+        mk = mk - tl.load(c_ptr + coord, mask=cols < 2 * d, other=0.0)[None, :]
+        pk = tl.exp(-tl.load(lv_ptr + rows[:, None] * stride_lv + coord[None, :], mask=kmask, other=0.0).to(tl.float32))
+        r = tl.where(kmask, tl.where(cols[None, :] < d, pk, -2.0 * pk * mk), 0.0)
+        p2 = tl.full((BLOCK_R,), 0.5 * LOG2E, tl.float32)
+        w = tl.full((BLOCK_R,), 1.0, tl.float32)
+    else:
+        if LV_MODE == 0:
+            lv = tl.load(lv_ptr + rows * 0).to(tl.float32)
+        else:
+            lv = tl.load(lv_ptr + rows, mask=live, other=0.0).to(tl.float32)
+        p = tl.exp(-lv)
+        c = lw - 0.5 * d * (LOG_2PI + lv)
+        q = tl.sum(mc * mc, axis=1)
+        kmask = live[:, None] & (cols < d)[None, :]
+        mk = tl.load(means_ptr + rows[:, None] * stride_m + cols[None, :], mask=kmask, other=0.0).to(tl.float32)
+        r = tl.where(kmask, -2.0 * (mk - tl.load(c_ptr + cols, mask=cols < d, other=0.0)[None, :]), 0.0)
+        p2 = 0.5 * LOG2E * p
+        w = p
+    _store_hilo(rh_ptr, rl_ptr, offs, r)
+    tl.store(c2_ptr + rows, tl.where(live, LOG2E * c, float("-inf")))
+    tl.store(p2_ptr + rows, tl.where(live, p2, 0.0))
+    tl.store(q_ptr + rows, tl.where(live, q, 0.0))
+    tl.store(w_ptr + rows, tl.where(live, w, 0.0))
+
+
+@triton.jit
+def _mixture_combine_fwd_kernel(pmax_ptr, psum_ptr, out_ptr, B, B_pad, SPLITS, BLOCK_R: tl.constexpr):
+    """out = ln 2 * (max + log2 sum_s psum_s 2^(pmax_s - max)); all -inf: -inf + log2(0) = -inf."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mx = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    for s in range(SPLITS):
+        mx = tl.maximum(mx, tl.load(pmax_ptr + s * B_pad + rows), propagate_nan=tl.PropagateNan.ALL)
+    safe = tl.where(mx == float("-inf"), 0.0, mx)
+    total = tl.zeros((BLOCK_R,), tl.float32)
+    for s in range(SPLITS):
+        total += tl.load(psum_ptr + s * B_pad + rows) * tl.exp2(tl.load(pmax_ptr + s * B_pad + rows) - safe)
+    tl.store(out_ptr + rows, (mx + tl.log2(total)) * LN2, mask=rows < B)
+
+
+@triton.jit
+def _mixture_finish_z_kernel(py_ptr, pr_ptr, z_ptr, c_ptr, gz_ptr, B, B_pad, d, stride_z, SPLITS,
+                     DIAG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Y = sum_s py_s, r = sum_s pr_s; isotropic (Y = -2 G p m): dz = -Y/2 - r (z - c);
+    diagonal (Y = [G P, -2 G P m]): dz = -Y[:, d:2d] / 2 - (z - c) Y[:, :d]."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dcols = tl.arange(0, BLOCK_D)
+    live = rows < B
+    mask = live[:, None] & (dcols < d)[None, :]
+    zc = tl.load(z_ptr + rows[:, None] * stride_z + dcols[None, :], mask=mask, other=0.0).to(tl.float32)
+    zc = zc - tl.load(c_ptr + dcols, mask=dcols < d, other=0.0)[None, :]
+    first = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)   # Y[:, :d]
+    second = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)  # Y[:, d:2d] (diagonal)
+    r = tl.zeros((BLOCK_R,), tl.float32)
+    for s in range(SPLITS):
+        base = (s * B_pad + rows)[:, None] * BLOCK_K + dcols[None, :]
+        first += tl.load(py_ptr + base, mask=mask, other=0.0)
+        if DIAG:
+            second += tl.load(py_ptr + base + d, mask=mask, other=0.0)
+        else:
+            r += tl.load(pr_ptr + s * B_pad + rows)
+    gz = -0.5 * second - zc * first if DIAG else -0.5 * first - r[:, None] * zc
+    tl.store(gz_ptr + rows[:, None] * d + dcols[None, :], gz, mask=mask)
+
+
+@triton.jit
+def _mixture_finish_m_kernel(px_ptr, pcs_ptr, pgd_ptr, means_ptr, c_ptr, lv_ptr, gm_ptr, gw_ptr, glv_ptr,
+                     M, M_pad, d, stride_m, stride_lv, SPLITS,
+                     LV_MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """X = sum_s px_s, cs = sum_s pcs_s, gd = sum_s pgd_s; dlog_w = cs;
+    isotropic (X = G^T z, gd = sum_b G |z_b - m|^2): dm = p (X - cs m), dlv = -d cs / 2 + p gd / 2 per row
+    (the host sums them for a shared log-variance); diagonal (X = [G^T z^2, G^T z]): dm = P (T - cs m),
+    dlv = -cs / 2 + P (T2 - 2 m T + m^2 cs) / 2."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dcols = tl.arange(0, BLOCK_D)
+    live = rows < M
+    mask = live[:, None] & (dcols < d)[None, :]
+    mc = tl.load(means_ptr + rows[:, None] * stride_m + dcols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mc = mc - tl.load(c_ptr + dcols, mask=dcols < d, other=0.0)[None, :]
+    first = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)   # X[:, :d]
+    second = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)  # X[:, d:2d] (diagonal)
+    cs = tl.zeros((BLOCK_R,), tl.float32)
+    gd = tl.zeros((BLOCK_R,), tl.float32)
+    for s in range(SPLITS):
+        base = (s * M_pad + rows)[:, None] * BLOCK_K + dcols[None, :]
+        first += tl.load(px_ptr + base, mask=mask, other=0.0)
+        if LV_MODE == 2:
+            second += tl.load(px_ptr + base + d, mask=mask, other=0.0)
+        cs += tl.load(pcs_ptr + s * M_pad + rows)
+        gd += tl.load(pgd_ptr + s * M_pad + rows)
+    tl.store(gw_ptr + rows, cs, mask=live)
+    out = rows[:, None] * d + dcols[None, :]
+    if LV_MODE == 2:
+        prec = tl.exp(-tl.load(lv_ptr + rows[:, None] * stride_lv + dcols[None, :], mask=mask, other=0.0).to(tl.float32))
+        csb = cs[:, None]
+        tl.store(gm_ptr + out, prec * (second - csb * mc), mask=mask)
+        glv = -0.5 * csb + 0.5 * prec * (first - 2.0 * mc * second + mc * mc * csb)
+        tl.store(glv_ptr + out, glv, mask=mask)
+    else:
+        if LV_MODE == 0:
+            lv = tl.load(lv_ptr + rows * 0).to(tl.float32)
+        else:
+            lv = tl.load(lv_ptr + rows, mask=live, other=0.0).to(tl.float32)
+        p = tl.exp(-lv)
+        tl.store(gm_ptr + out, p[:, None] * (first - cs[:, None] * mc), mask=mask)
+        tl.store(glv_ptr + rows, -0.5 * d * cs + 0.5 * p * gd, mask=live)
