@@ -15,7 +15,6 @@ closed-form (or fused-kernel) gradients.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import time
@@ -29,6 +28,7 @@ from bype.coreset_estimate import (Estimate, Pieces, diagnostics, estimate, logl
                                    residual, weight_summary)
 from bype.parallel.process_group import all_reduce_sum
 from bype.parallel.shard import shard_range
+from bype.seeds import derive_seed
 from bype.models.vae import reparameterize
 
 log = logging.getLogger("bype")
@@ -319,8 +319,7 @@ def fit(loglik: Callable, U: torch.Tensor, w: torch.Tensor, sample_z: Callable, 
 def step_seed(seed: int, epoch: int, step) -> int:
     """A 63-bit seed from (seed, epoch, step), the same in every process (unlike Python's str hash);
     `step` an int, or a name such as "held-out"."""
-    digest = hashlib.blake2b(f"bype-coreset/{seed}/{epoch}/{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+    return derive_seed("bype-coreset", seed, epoch, step)
 
 
 @contextlib.contextmanager

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from bype.seeds import derive_seed
+
 
 class RowNoise:
     def __init__(self, seed: int, epoch: int, step: int, rank: int = 0, world_size: int = 1):
-        self.generator = torch.Generator().manual_seed(hash((seed, epoch, step)) & (2**63 - 1))
+        self.generator = torch.Generator().manual_seed(derive_seed("bype-noise", seed, epoch, step))
         self.rank, self.world_size = rank, world_size
 
     def _draw(self, fn, like: torch.Tensor) -> torch.Tensor:
