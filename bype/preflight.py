@@ -13,6 +13,8 @@ import struct
 
 from bype.config import Config, ConfigError
 
+GENERIC_SOURCES = ("imagefolder", "npz")  # `bype data prepare` sources without a data set's name
+
 
 def check_run_dir(run_dir: str, resume: bool) -> None:
     has_run = os.path.exists(os.path.join(run_dir, "last.pt"))
@@ -42,7 +44,9 @@ def data_counts(cfg: Config) -> tuple[dict[str, int], str]:
         from bype.data.manifest import SPLITS, load_manifest, manifest_location
 
         manifest, where = load_manifest(d.shards), manifest_location(d.shards)
-        if manifest["dataset"] != d.dataset:
+        # shards of a named data set must be that one; shards of the user's own images (`bype data prepare
+        # imagefolder / npz`) carry no name to compare and train under any data.dataset of their kind
+        if manifest["dataset"] not in GENERIC_SOURCES and manifest["dataset"] != d.dataset:
             raise ConfigError(f"data.shards: {where} holds {manifest['dataset']} shards, but data.dataset is "
                               f"{d.dataset}")
         missing = [s for s in SPLITS if s not in manifest["splits"]]

@@ -53,6 +53,19 @@ def test_check_passes_within_the_counts(faces, tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def test_shards_of_ones_own_images_train_under_a_named_data_set(tmp_path):
+    """`bype data prepare npz` (or imagefolder) shards carry no data set name: they pass the check with the
+    data.dataset of their kind (here colour images as celeba), counts from their manifest."""
+    import numpy as np
+
+    x = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "mine.npz", x_train=x, y_train=np.zeros(40, np.int64), x_val=x[:10], x_test=x[:10])
+    prep.prepare("npz", str(tmp_path / "mine.npz"), str(tmp_path / "shards"), shard_size=16, progress=False)
+    cfg = load_config(CELEBA, [f"data.shards={tmp_path / 'shards'}", f"out_dir={tmp_path}", "prior.components=20",
+                               "train.batch_size=20", "eval.knn_k=[3]"])
+    assert check_start(cfg, resume=False)["train"] == 40
+
+
 def test_shards_of_another_data_set_or_a_train_limit_are_refused(faces, tmp_path):
     cfg = load_config(None, [f"out_dir={tmp_path}", "data.dataset=cifar10", "model.likelihood=logistic",
                              "data.source=shards", f"data.shards={faces}"])
