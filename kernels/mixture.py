@@ -74,6 +74,32 @@ CUDA_TILES = {
 }
 SMALL_TILES = (32, 32, 4)  # B * M <= SMALL_WORK: more programs for the training shape (100, 500)
 
+# Programs of each kernel an SM runs at once with the tiles above (CUDA_TILES) and with SMALL_TILES, by
+# arch, kernel and K: occupancy from the registers and shared memory that `bype bench kernels
+# --compile-report` reads from the cubins (tiling.resident_programs; checked against fresh compiles by
+# tests/test_kernels_mixture.py). The split count uses them to fill whole waves (tiling.split).
+RESIDENT = {
+    90: {"fwd": {16: 5, 32: 3, 64: 1, 128: 1}, "bwd_z": {16: 4, 32: 3, 64: 2, 128: 2},
+         "bwd_m": {16: 3, 32: 2, 64: 2, 128: 2}},
+    80: {"fwd": {16: 6, 32: 3, 64: 1, 128: 1}, "bwd_z": {16: 3, 32: 2, 64: 2, 128: 2},
+         "bwd_m": {16: 2, 32: 2, 64: 2, 128: 2}},
+}
+SMALL_RESIDENT = {
+    90: {"fwd": {16: 9, 32: 6, 64: 4, 128: 2}, "bwd_z": {16: 6, 32: 4, 64: 4, 128: 2},
+         "bwd_m": {16: 4, 32: 3, 64: 4, 128: 2}},
+    80: {"fwd": {16: 9, 32: 6, 64: 3, 128: 1}, "bwd_z": {16: 7, 32: 4, 64: 3, 128: 2},
+         "bwd_m": {16: 4, 32: 3, 64: 3, 128: 2}},
+}
+
+
+def resident_programs(kernel: str, B: int, M: int, K: int, target: tiling.Target) -> int:
+    """Tabulated programs per SM of one mixture kernel; 0 (unknown: grids sized by program count alone)
+    off CUDA and on archs other than the tabulated sm_80 and sm_90, whose SMs hold other amounts."""
+    if not target.cuda or target.arch not in RESIDENT:
+        return 0
+    table = SMALL_RESIDENT if B * M <= SMALL_WORK else RESIDENT
+    return table[target.arch][kernel][K]
+
 
 def tile_config(kernel: str, B: int, M: int, K: int, target: tiling.Target) -> tuple[int, int, int, int]:
     """(BLOCK_B, BLOCK_M, num_warps, num_stages) of one mixture kernel ('fwd', 'bwd_z', 'bwd_m').
@@ -195,7 +221,7 @@ def _launch(kernel: str, ops: _Operands, target: tiling.Target, inputs: tuple, p
     b_tiles, m_tiles = ops.B_pad // meta["BLOCK_B"], ops.M_pad // meta["BLOCK_M"]
     over_rows = kernel != "bwd_m"
     tiles, loop_tiles = (b_tiles, m_tiles) if over_rows else (m_tiles, b_tiles)
-    splits, per = tiling.split(loop_tiles, tiles, target)
+    splits, per = tiling.split(loop_tiles, tiles, target, resident_programs(kernel, ops.B, ops.M, ops.K, target))
     rows = ops.B_pad if over_rows else ops.M_pad
     outs = [ops.zz.new_empty(splits, rows, *shape) for shape in parts]
     args = (ops.l_hi, ops.l_lo, ops.r_hi, ops.r_lo, ops.zz, ops.c2, ops.p2, ops.q, *inputs, *outs,

@@ -6,6 +6,7 @@ exactly the same calls offline for another GPU (no device needed).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,11 @@ import torch
 SMS = {80: 108, 90: 132}
 SHARED_LIMIT = {80: 166912, 90: 232448}
 MIN_PROGRAMS = 264  # two programs per SM of an H100: at least as many as any target has SMs x 2
+# Per-SM limits that decide how many programs run at once (CUDA occupancy): registers, shared memory
+# (1 KiB of it reserved per block), threads, blocks. Registers are allocated per warp in units of 256.
+SM_LIMITS = {80: dict(regs=65536, shared=167936, threads=2048, blocks=32),
+             90: dict(regs=65536, shared=233472, threads=2048, blocks=32)}
+MAX_WAVES = 8  # the split search stops there: more splits only add partial sums to combine
 
 
 @dataclass(frozen=True)
@@ -75,12 +81,47 @@ def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def split(loop_tiles: int, other_programs: int, target: Target) -> tuple[int, int]:
+def resident_programs(arch: int, num_warps: int, regs: int, shared_bytes: int) -> int:
+    """Programs of one kernel an SM holds at once, from its registers per thread and shared memory per
+    program (what the compile report reads from the cubin)."""
+    lim = SM_LIMITS[table_arch(Target("cuda", arch))]
+    per_warp = cdiv(max(regs, 1) * 32, 256) * 256
+    by_regs = lim["regs"] // (per_warp * num_warps)
+    by_shared = lim["shared"] // (shared_bytes + 1024) if shared_bytes else lim["blocks"]
+    return max(0, min(by_regs, by_shared, lim["threads"] // (32 * num_warps), lim["blocks"]))
+
+
+def split(loop_tiles: int, other_programs: int, target: Target, resident: int = 0) -> tuple[int, int]:
     """(splits, tiles per split) for a loop of ``loop_tiles`` tiles run by ``other_programs``
-    programs each: enough splits to reach :func:`min_programs`, every split non-empty."""
-    want = max(1, min(loop_tiles, cdiv(min_programs(target), max(other_programs, 1))))
-    per = max(1, loop_tiles // want)
-    return cdiv(loop_tiles, per), per
+    programs each, every split non-empty.
+
+    Without ``resident`` (programs per SM at once; the interpreter, the coreset kernels): enough splits to
+    reach :func:`min_programs`. With it, among the splits that reach min_programs (or the most programs
+    there can be), the one with the smallest makespan ``waves x tiles per split``, where a wave is
+    ``SMs x resident`` programs, fewest programs on a tie: 272 programs on 264 slots would be two waves,
+    the second almost empty, as slow as 528."""
+    if not (target.cuda and resident > 0):
+        want = max(1, min(loop_tiles, cdiv(min_programs(target), max(other_programs, 1))))
+        per = max(1, loop_tiles // want)
+        return cdiv(loop_tiles, per), per
+    return _makespan_split(loop_tiles, max(other_programs, 1), target.sms * resident, min_programs(target))
+
+
+@functools.lru_cache(maxsize=4096)
+def _makespan_split(loop_tiles: int, other: int, slots: int, floor: int) -> tuple[int, int]:
+    floor = min(floor, other * loop_tiles)
+    best = None
+    for per in range(loop_tiles, 0, -1):  # fewer tiles per split = more splits = more programs
+        splits = cdiv(loop_tiles, per)
+        programs = other * splits
+        if programs < floor:
+            continue
+        if best is not None and programs > MAX_WAVES * max(slots, floor):
+            break
+        cost = (cdiv(programs, slots) * per, programs)
+        if best is None or cost < best[0]:
+            best = (cost, (splits, per))
+    return best[1]
 
 
 def pow2_at_least(n: int, lo: int = 16) -> int:

@@ -514,7 +514,8 @@ def test_bench_kernels_compile_report(tmp_path):
     row_passes = {"mixture_prep_rows", "mixture_prep_components", "mixture_combine_fwd", "mixture_finish_z",
                   "mixture_finish_m"}
     assert {r["kernel"] for r in records} == tiled | row_passes
-    keys = {"kernel", "arch", "B", "M", "d", "log_var", "regs", "spill_bytes", "shared_bytes", "programs"}
+    keys = {"kernel", "arch", "B", "M", "d", "log_var", "regs", "spill_bytes", "shared_bytes", "programs",
+            "resident", "waves"}
     for r in records:
         assert set(r) == keys and r["arch"] == "sm_90" and (r["B"], r["M"]) == (100, 500)
         assert 0 < r["regs"] <= 255 and r["spill_bytes"] == 0, r
@@ -525,6 +526,9 @@ def test_bench_kernels_compile_report(tmp_path):
     for r in records:
         if r["kernel"] in expected:
             assert r["programs"] == expected[r["kernel"]] and r["log_var"] == "diag"
+        if r["kernel"] in ("mixture_fwd", "mixture_bwd_z", "mixture_bwd_m"):  # the table the splits use
+            K = tiling.pow2_at_least(2 * 40)
+            assert r["resident"] == mix.resident_programs(r["kernel"].split("_", 1)[1], 100, 500, K, target), r
 
 
 @pytest.mark.parametrize("mode", ["shared", "diag"])
@@ -538,3 +542,48 @@ def test_triton_call_is_a_few_launches(mode):
     cost = host_cost("triton", 100, 500, 40, mode, repeats=1)
     assert cost["triton_launches"] == 10
     assert cost["aten_launches"] <= 4, cost["ops"]
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_resident_table_matches_compiled_kernels(arch):
+    """The split count trusts RESIDENT (programs per SM at once): recompute it from the registers and
+    shared memory of freshly compiled kernels at a large shape, K = 64 (d = 40 isotropic), both archs."""
+    import json
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    out = f"{os.environ.get('TMPDIR', '/tmp')}/bype-resident-sm{arch}-{os.getpid()}.json"
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    subprocess.run([sys.executable, "-m", "bype.cli", "bench", "kernels", "--compile-report", f"sm_{arch}", "--B",
+                    "1024", "--M", "50000", "--d", "40", "--log-var", "shared", "--json", out], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    with open(out) as f:
+        records = [r for r in json.load(f) if r["kernel"] in ("mixture_fwd", "mixture_bwd_z", "mixture_bwd_m")]
+    os.remove(out)
+    assert len(records) == 3
+    for r in records:
+        computed = tiling.resident_programs(arch, 4, r["regs"], r["shared_bytes"])
+        assert computed == r["resident"] == mix.resident_programs(r["kernel"].split("_", 1)[1], 1024, 50000, 64,
+                                                                   tiling.cuda_target(arch)), r
+
+
+def test_split_fills_whole_waves():
+    """With the programs per SM known, the split count minimises waves x tiles per split (the makespan),
+    among the splits that keep >= 264 programs and at most MAX_WAVES waves: exhaustively the best, and never worse than the rule
+    that only counts programs (272 programs on 264 slots: two waves, the second almost empty)."""
+    target = tiling.cuda_target(90)
+    for loop_tiles, other, resident in [(782, 16, 1), (782, 16, 2), (782, 4, 2), (1563, 16, 2), (16, 4, 4),
+                                        (16, 3125, 2), (97, 7, 3)]:
+        slots = target.sms * resident
+        splits, per = tiling.split(loop_tiles, other, target, resident)
+        assert (splits - 1) * per < loop_tiles <= splits * per  # every split non-empty, all tiles covered
+        makespan = tiling.cdiv(other * splits, slots) * per
+        floor = min(tiling.MIN_PROGRAMS, other * loop_tiles)
+        cap = max(other, tiling.MAX_WAVES * max(slots, floor))  # more splits only add partial sums
+        best = min(tiling.cdiv(other * tiling.cdiv(loop_tiles, p), slots) * p
+                   for p in range(1, loop_tiles + 1) if floor <= other * tiling.cdiv(loop_tiles, p) <= cap)
+        assert makespan == best, (loop_tiles, other, resident, splits, per)
+        assert other * splits >= floor
+        old_splits, old_per = tiling.split(loop_tiles, other, target)
+        assert makespan <= tiling.cdiv(other * old_splits, slots) * old_per
+    assert tiling.split(782, 16, target, 2) == (33, 24)  # 528 programs: exactly 2 waves of 264

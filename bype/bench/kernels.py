@@ -484,12 +484,14 @@ def compile_report(arch: int, shapes=REPORT_SHAPES, ds=REPORT_D, modes=("shared"
     compiler = _Compiler(arch)
     records = []
     t0 = time.perf_counter()
-    print("\n".join([REPORT_HEADER, "|" + "---|" * 10]), flush=True)  # rows follow as they compile
+    print("\n".join([REPORT_HEADER, "|" + "---|" * 12]), flush=True)  # rows follow as they compile
 
     def add(module, launch, B, M, d, log_var):
         res = compiler(getattr(module, launch.kernel), launch)
+        resident = tiling.resident_programs(arch, launch.meta.get("num_warps", 4), res["regs"], res["shared_bytes"])
         rec = dict(kernel=launch.kernel.strip("_").removesuffix("_kernel"), arch=f"sm_{arch}", B=B, M=M, d=d,
-                   log_var=log_var, programs=launch.programs, **res)
+                   log_var=log_var, programs=launch.programs, **res, resident=resident,
+                   waves=round(launch.programs / (target.sms * resident), 2) if resident else None)
         records.append(rec)
         print(_fmt_report(rec) + f"   ({len(records)} done, {time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -506,12 +508,13 @@ def compile_report(arch: int, shapes=REPORT_SHAPES, ds=REPORT_D, modes=("shared"
 
 ROW_PASSES = {"mixture_prep_rows", "mixture_prep_components", "mixture_combine_fwd", "mixture_finish_z",
               "mixture_finish_m"}
-REPORT_HEADER = "| kernel | arch | B | M | d | log_var | regs | spill B | shared B | programs |"
+REPORT_HEADER = ("| kernel | arch | B | M | d | log_var | regs | spill B | shared B | programs | resident / SM "
+                 "| waves |")
 
 
 def _fmt_report(r) -> str:
     return (f"| {r['kernel']} | {r['arch']} | {r['B']} | {r['M']} | {r['d']} | {r['log_var'] or '-'} | {r['regs']} | "
-            f"{r['spill_bytes']} | {r['shared_bytes']} | {r['programs']} |")
+            f"{r['spill_bytes']} | {r['shared_bytes']} | {r['programs']} | {r['resident']} | {r['waves']} |")
 
 
 def run_compile_report(args) -> int:
