@@ -20,15 +20,11 @@ import time
 import torch
 
 from bype.coreset import frozen
+from bype.device_sync import synchronize as _sync
 
 log = logging.getLogger("bype")
 SLOW_CALL_S = 20.0  # a first call this slow is the measurement: compilation (seconds on a GPU) is a small share
 TIMED_CALLS = 2  # otherwise calls timed after the warm-up; the fastest counts (the least disturbed by other load)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _timed(fn, device: torch.device) -> float:

@@ -17,16 +17,12 @@ import time
 import torch
 
 import kernels
+from bype.device_sync import synchronize as _sync
 from kernels import coreset_reference as cref
 from kernels import mixture_reference as mref
 
 MIXTURE_SHAPES = [(37, 53, 7), (100, 500, 40), (1024, 5000, 40), (257, 1031, 64), (100, 25000, 16)]
 CORESET_SHAPES = [(500, 500, 784, "bernoulli"), (100, 64, 3072, "logistic"), (13, 29, 37, "logistic")]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from bype.bench._report import write_report
+from bype.device_sync import synchronize as _sync
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -154,11 +155,6 @@ def _time_memory(directory: str, args, device) -> float:
             count += x.shape[0]
     _sync(device)
     return count / (time.perf_counter() - t0)
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _train_rows(directory: str, name: str, args, tmp: str) -> list[dict]:

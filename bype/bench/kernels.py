@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 import kernels
+from bype.device_sync import synchronize as _sync
 
 FULL = dict(B=[128, 1024, 8192], M=[500, 5000, 50000], d=[16, 40, 64])
 QUICK = dict(B=[128, 1024], M=[500, 5000], d=[40])
@@ -170,11 +171,6 @@ def _reset_hwm() -> bool:
         return True
     except OSError:
         return False
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _time_calls(fn, device, warmup: int, repeats: int) -> list[float]:

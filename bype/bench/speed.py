@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Optional
 
 from bype.bench._report import write_report
+from bype.device_sync import synchronize as _sync
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "configs" / "fashion-mnist" / "vae-bype.yaml"
@@ -245,13 +246,6 @@ def _machine(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-
-
-def _sync(device) -> None:
-    import torch
-
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def matmul_rate(device: str, n: int, repeats: int = 5) -> float:
