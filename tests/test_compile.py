@@ -189,3 +189,17 @@ def test_epoch_stats_give_the_same_sums_as_reading_every_step():
     assert [bool(p) for p in postfix] == [False, False, True, False, False, True, True]
     assert postfix[2]["loss"] == 1.0 and postfix[6]["loss"] == 6.0  # means since the previous log line
     assert stats.close() == {"loss": 21.0, "rec": 42.0}
+
+
+def test_bench_speed_counts_a_compiled_step_like_an_eager_one(tmp_path, fmnist_root):
+    """`bype bench speed` counts FLOPs under FlopCounterMode, which cannot see into a compiled graph (it
+    failed every row with train.compile on): the count runs the step's eager operators."""
+    from bype.bench.speed import count_step_flops
+
+    counts = {}
+    for compile in ("false", "true"):
+        cfg = tiny_config(tmp_path, "prior.kind=bype", f"train.compile={compile}", f"name=flops-{compile}", *SMALL)
+        trainer = Trainer(cfg)
+        count_step_flops(trainer)  # the first step of a shape runs eagerly (it records the noise draws)
+        counts[compile] = count_step_flops(trainer)  # the second one goes through the compiled loss
+    assert counts["true"] == counts["false"] > 0

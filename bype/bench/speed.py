@@ -345,7 +345,9 @@ class TimedLoader:
 
 
 def count_step_flops(trainer) -> int:
-    """FLOPs of one training step (forward, backward, optimiser) as FlopCounterMode counts them."""
+    """FLOPs of one training step (forward, backward, optimiser) as FlopCounterMode counts them, on the
+    step's eager operators also under `train.compile` (a dispatch mode cannot see into a compiled graph)."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from bype.models.noise import RowNoise
@@ -354,7 +356,7 @@ def count_step_flops(trainer) -> int:
     x, _, idx = next(iter(trainer.data.train_loader.epoch(1)))
     model.train()
     model.noise = RowNoise(trainer.cfg.seed, 1, 0)
-    with FlopCounterMode(display=False) as counter:
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         loss, _ = trainer.engine(model.preprocess(x.to(dev)), idx.to(dev), trainer.beta(1))
         trainer.engine.backward(loss)
         trainer.engine.step()
