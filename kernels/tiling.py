@@ -7,6 +7,7 @@ exactly the same calls offline for another GPU (no device needed).
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -91,6 +92,16 @@ def resident_programs(arch: int, num_warps: int, regs: int, shared_bytes: int) -
     return max(0, min(by_regs, by_shared, lim["threads"] // (32 * num_warps), lim["blocks"]))
 
 
+SPLIT_ENV = "BYPE_KERNEL_SPLIT"  # waves (default) | programs: the rule of split(), for A/B timings on a GPU
+
+
+def split_rule() -> str:
+    rule = os.environ.get(SPLIT_ENV, "waves") or "waves"
+    if rule not in ("waves", "programs"):
+        raise ValueError(f"{SPLIT_ENV}={rule!r}: expected 'waves' or 'programs'")
+    return rule
+
+
 def split(loop_tiles: int, other_programs: int, target: Target, resident: int = 0) -> tuple[int, int]:
     """(splits, tiles per split) for a loop of ``loop_tiles`` tiles run by ``other_programs``
     programs each, every split non-empty.
@@ -99,8 +110,8 @@ def split(loop_tiles: int, other_programs: int, target: Target, resident: int = 
     reach :func:`min_programs`. With it, among the splits that reach min_programs (or the most programs
     there can be), the one with the smallest makespan ``waves x tiles per split``, where a wave is
     ``SMs x resident`` programs, fewest programs on a tie: 272 programs on 264 slots would be two waves,
-    the second almost empty, as slow as 528."""
-    if not (target.cuda and resident > 0):
+    the second almost empty, as slow as 528. ``BYPE_KERNEL_SPLIT=programs`` keeps the first rule (A/B)."""
+    if not (target.cuda and resident > 0) or split_rule() == "programs":
         want = max(1, min(loop_tiles, cdiv(min_programs(target), max(other_programs, 1))))
         per = max(1, loop_tiles // want)
         return cdiv(loop_tiles, per), per

@@ -62,3 +62,26 @@ def test_triton_ratios_against_each_baseline():
             for i, t in (("naive", 4e-3), ("compiled", 2e-3), ("triton", 1e-3))]
     (line,) = gpu_check.triton_ratios(rows)
     assert "naive 4.00x" in line and "compiled 2.00x" in line
+
+
+def test_split_rule_comparison_line():
+    def rows(ms):
+        return [dict(impl="triton", passes=p, B=1024, M=50000, d=40, time_s=ms * 1e-3 * k)
+                for p, k in (("fwd", 1), ("fwdbwd", 3))]
+    results = {"bench_kernels_large": {"rows": rows(1.0)}, "bench_kernels_split_programs": {"rows": rows(1.5)}}
+    lines = gpu_check.split_rule_lines(results)
+    assert "- triton fwdbwd B=1024 M=50000 d=40: whole waves 3.000 ms, program count 4.500 ms (1.50x)" in lines
+    assert gpu_check.split_rule_lines({"bench_kernels_large": {"rows": rows(1.0)}}) == []
+
+
+def test_split_rule_knob(monkeypatch):
+    from kernels import tiling
+
+    target = tiling.cuda_target(90)
+    monkeypatch.setenv(tiling.SPLIT_ENV, "programs")
+    assert tiling.split(782, 16, target, 2) == tiling.split(782, 16, target) == (17, 46)
+    monkeypatch.setenv(tiling.SPLIT_ENV, "waves")
+    assert tiling.split(782, 16, target, 2) == (33, 24)
+    monkeypatch.setenv(tiling.SPLIT_ENV, "wave")
+    with pytest.raises(ValueError, match="BYPE_KERNEL_SPLIT='wave': expected 'waves' or 'programs'"):
+        tiling.split(782, 16, target, 2)

@@ -63,6 +63,11 @@ def plan(out: Path, fmnist: str | None) -> list[Step]:
              bype + ["bench", "kernels", "--device", "cuda", "--B", "1024", "--M", "50000", "--d", "40",
                      "--impls", "naive,chunked,compiled,triton", "--passes", "fwd,fwdbwd", "--repeats", "10",
                      "--out", str(out / "bench_large")], 90, compiled),
+        Step("bench_kernels_split_programs", "Triton at B=1024, M=50,000, d=40 with the program-count split "
+             "rule (BYPE_KERNEL_SPLIT=programs), against the whole-wave rule of bench_kernels_large",
+             bype + ["bench", "kernels", "--device", "cuda", "--B", "1024", "--M", "50000", "--d", "40",
+                     "--impls", "triton", "--passes", "fwd,fwdbwd", "--repeats", "10",
+                     "--out", str(out / "bench_split_programs")], 45, {**compiled, "BYPE_KERNEL_SPLIT": "programs"}),
         Step("train_triton", "ByPE-VAE on Fashion-MNIST on the GPU, mixture prior through Triton (30 s)",
              bype + ["train", f"out_dir={runs}", "name=triton"] + data + TRAIN_OVERRIDES, 75,
              {**compiled, "BYPE_KERNEL_IMPL": "triton"}),
@@ -200,12 +205,13 @@ def summary_markdown(results: dict, meta: dict) -> str:
             for k in acc["compiled"]:
                 lines.append(f"| {k['kernel']} | {k.get('n_regs')} | {k.get('n_spills')} | {k.get('shared')} | "
                              f"{k.get('num_warps')} | {k.get('num_stages')} |")
-    for name in ("bench_kernels_large", "bench_kernels_training"):
+    for name in ("bench_kernels_large", "bench_kernels_split_programs", "bench_kernels_training"):
         rows = results.get(name, {}).get("rows")
         if rows:
             table = out_dir_table(results[name])
             lines += ["", f"## {name}", "", table.strip()] if table else []
             lines += [f"- {k}" for k in triton_ratios(rows)]
+    lines += split_rule_lines(results)
     cmp_ = meta.get("training_comparison")
     if cmp_:
         lines += ["", "## ByPE training on the GPU: Triton vs torch prior", "",
@@ -221,6 +227,17 @@ def summary_markdown(results: dict, meta: dict) -> str:
 def out_dir_table(result: dict) -> str:
     p = Path(result.get("bench_md", ""))
     return p.read_text() if p.is_file() else ""
+
+
+def split_rule_lines(results: dict) -> list[str]:
+    """Triton under the whole-wave split rule (bench_kernels_large) against the program-count rule."""
+    def times(name):
+        rows = results.get(name, {}).get("rows") or []
+        return {r["passes"]: r["time_s"] for r in rows if r.get("impl") == "triton" and "time_s" in r}
+    waves, programs = times("bench_kernels_large"), times("bench_kernels_split_programs")
+    out = [f"- triton {p} B=1024 M=50000 d=40: whole waves {waves[p] * 1e3:.3f} ms, program count "
+           f"{programs[p] * 1e3:.3f} ms ({programs[p] / waves[p]:.2f}x)" for p in sorted(waves) if p in programs]
+    return ["", "## Split rule (BYPE_KERNEL_SPLIT)", "", *out] if out else []
 
 
 def triton_ratios(rows: list[dict]) -> list[str]:
