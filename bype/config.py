@@ -92,7 +92,8 @@ class TrainConfig:
     log_every: int = 50  # steps between progress log lines
     profile: bool = False  # write a torch.profiler trace of a few steps
     # torch.compile of the loss: null = auto (CPU runs of >= 60 minutes or unbudgeted; not CUDA, not the
-    # exemplar prior: see docs/ARCHITECTURE.md), true / false to force (bype/compiled_loss.py)
+    # exemplar prior: see docs/ARCHITECTURE.md), true / false to force (bype/compiled_loss.py); engines none
+    # and ddp (DeepSpeed runs eagerly and says so)
     compile: Optional[bool] = None
     compile_mode: str = "auto"  # auto (reduce-overhead = CUDA graphs on CUDA, default elsewhere) | a torch mode
     sync_debug: bool = False  # count host synchronisations between log lines and log them

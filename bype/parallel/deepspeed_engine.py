@@ -170,6 +170,9 @@ class DeepSpeedEngine:
         log.info("deepspeed: ZeRO stage %d, %s, %d rank(s), micro batch %d", self.stage,
                  "autocast " + self.config["torch_autocast"]["dtype"] if "torch_autocast" in self.config else "fp32",
                  ctx.world_size, self.config["train_micro_batch_size_per_gpu"])
+        if cfg.train.compile:  # asked for explicitly (null, the default, stays quiet): say it is not applied
+            log.warning("train.compile=true is not applied with dist.engine=deepspeed: the step runs eagerly "
+                        "(compiling applies to dist.engine=none and ddp)")
 
     def __call__(self, x, idx, beta):
         return self.engine(x, idx, beta)
