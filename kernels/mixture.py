@@ -186,11 +186,12 @@ def _operands(z, means, log_weights, log_var, target: tiling.Target, out: Option
     K = _k_of(mode, d)
     B_pad, M_pad = _padding(B, M, K, target)
     f32 = dict(dtype=torch.float32, device=z.device)
-    centre = means.detach().float().mean(0)
+    # contiguous: the kernels read rows with unit column stride (a no-op, no launch, for the usual inputs);
+    # the centre from the contiguous means, so that results do not depend on the input's memory layout
+    z, means, log_weights, log_var = (t.detach().contiguous() for t in (z, means, log_weights, log_var))
+    centre = means.float().mean(0)
     backward = out is not None
-    # contiguous: the kernels read rows with unit column stride (a no-op, no launch, for the usual inputs)
-    ops = _Operands(mode, B, M, d, K, B_pad, M_pad, *(t.detach().contiguous() for t in (z, means, log_weights, log_var)),
-                    centre,
+    ops = _Operands(mode, B, M, d, K, B_pad, M_pad, z, means, log_weights, log_var, centre,
                     *(torch.empty(B_pad, K, **f32) for _ in range(2)), *(torch.empty(M_pad, K, **f32) for _ in range(2)),
                     torch.empty(B_pad, **f32), *(torch.empty(M_pad, **f32) for _ in range(4)),
                     *((torch.empty(B_pad, **f32), torch.empty(B_pad, **f32)) if backward else (None, None)))

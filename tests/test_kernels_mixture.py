@@ -160,6 +160,35 @@ def test_cuda_large_shapes(mode, shape):
     assert_ran_compiled("cuda")
 
 
+@pytest.mark.parametrize("impl,device", CASES[1:])
+@pytest.mark.parametrize("mode", MODES)
+def test_strided_and_bf16_inputs(impl, device, mode):
+    """The preparation kernels read the inputs themselves: rows with a stride (column slices), a
+    transposed (non-contiguous) means tensor and bf16 inputs give what contiguous fp32 copies of the
+    same values give, with gradients in the inputs' dtypes."""
+    z, means, lw, lv = make_inputs(37, 53, 7, mode, seed=21, device=device)
+    wide = torch.cat([z, torch.randn_like(z)], 1)[:, :7]  # row stride 14
+    means_t = means.t().contiguous().t()  # column-major
+    lw_s = torch.stack([lw, lw], 1)[:, 0]  # stride 2
+    strided = [wide, means_t, lw_s, lv]
+    assert not wide.is_contiguous() and not means_t.is_contiguous() and not lw_s.is_contiguous()
+    fn = lambda *a: kernels.mixture_logpdf(*a, impl=impl)  # noqa: E731
+    up = torch.linspace(-1.0, 1.0, 37)
+    out_s, grads_s = run_with_grads(fn, strided, up)
+    out_c, grads_c = run_with_grads(fn, [t.contiguous() for t in strided], up)
+    torch.testing.assert_close(out_s, out_c, rtol=0, atol=0)
+    for gs, gc in zip(grads_s, grads_c):
+        torch.testing.assert_close(gs, gc, rtol=0, atol=0)
+    bf = [t.to(torch.bfloat16) for t in (z, means, lw, lv)]
+    out_b, grads_b = run_with_grads(fn, bf, up)
+    out_f, grads_f = run_with_grads(fn, [t.float() for t in bf], up)  # the same values, fp32
+    assert out_b.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads_b)
+    # the kernels compute in fp32 either way; only the results are rounded to bf16 (8 mantissa bits)
+    torch.testing.assert_close(out_b.float(), out_f, rtol=2.0**-8, atol=2.0**-8 * out_f.abs().max().item())
+    for gb, gf in zip(grads_b, grads_f):
+        assert_close_scaled(gb.float(), gf, 2.0**-7, "bf16 gradient")
+
+
 @pytest.mark.parametrize("impl,device", CASES)
 @pytest.mark.parametrize("mode", MODES)
 def test_widely_separated_components(impl, device, mode):
