@@ -39,6 +39,16 @@ def _store_hilo(hi_ptr, lo_ptr, offs, x):
 
 
 @triton.jit
+def _row_log_var(lv_ptr, rows, live, SHARED: tl.constexpr):
+    """The isotropic log-variance of each row: one shared value (a 0-dim tensor) or one per row."""
+    if SHARED:
+        lv = tl.load(lv_ptr + rows * 0)
+    else:
+        lv = tl.load(lv_ptr + rows, mask=live, other=0.0)
+    return lv.to(tl.float32)
+
+
+@triton.jit
 def _mixture_prep_rows_kernel(z_ptr, c_ptr, lh_ptr, ll_ptr, zz_ptr, out_ptr, grad_ptr, lse2_ptr, g_ptr,
                       B, d, stride_z,
                       DIAG: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -75,10 +85,8 @@ def _mixture_prep_components_kernel(means_ptr, c_ptr, lw_ptr, lv_ptr, rh_ptr, rl
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = rows < M
     dcols = tl.arange(0, BLOCK_D)
-    dmask = live[:, None] & (dcols < d)[None, :]
-    centre = tl.load(c_ptr + dcols, mask=dcols < d, other=0.0)
-    mc = tl.load(means_ptr + rows[:, None] * stride_m + dcols[None, :], mask=dmask, other=0.0).to(tl.float32)
-    mc = tl.where(dmask, mc - centre[None, :], 0.0)
+    dmask, mc = _centred_rows(means_ptr, c_ptr, rows, dcols, M, d, stride_m)
+    mc = tl.where(dmask, mc, 0.0)
     lw = tl.load(lw_ptr + rows, mask=live, other=0.0).to(tl.float32)
     cols = tl.arange(0, BLOCK_K)
     offs = rows[:, None] * BLOCK_K + cols[None, :]
@@ -97,10 +105,7 @@ def _mixture_prep_components_kernel(means_ptr, c_ptr, lw_ptr, lv_ptr, rh_ptr, rl
         p2 = tl.full((BLOCK_R,), 0.5 * LOG2E, tl.float32)
         w = tl.full((BLOCK_R,), 1.0, tl.float32)
     else:
-        if LV_MODE == 0:
-            lv = tl.load(lv_ptr + rows * 0).to(tl.float32)
-        else:
-            lv = tl.load(lv_ptr + rows, mask=live, other=0.0).to(tl.float32)
+        lv = _row_log_var(lv_ptr, rows, live, LV_MODE == 0)
         p = tl.exp(-lv)
         c = lw - 0.5 * d * (LOG_2PI + lv)
         q = tl.sum(mc * mc, axis=1)
@@ -131,27 +136,48 @@ def _mixture_combine_fwd_kernel(pmax_ptr, psum_ptr, out_ptr, B, B_pad, SPLITS, B
 
 
 @triton.jit
+def _centred_rows(x_ptr, c_ptr, rows, dcols, n, d, stride):
+    """(mask, x - c) of a [rows, BLOCK_D] tile of an [n, d] input, zero outside."""
+    mask = (rows < n)[:, None] & (dcols < d)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride + dcols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return mask, x - tl.load(c_ptr + dcols, mask=dcols < d, other=0.0)[None, :]
+
+
+@triton.jit
+def _split_sums(p_ptr, rows, dcols, mask, n_pad, d, SPLITS, TWO: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum over splits s of the partial [splits, n_pad, K] sums: columns [0, d) and, with TWO, [d, 2d)."""
+    first = tl.zeros(mask.shape, tl.float32)
+    second = tl.zeros(mask.shape, tl.float32)
+    for s in range(SPLITS):
+        base = (s * n_pad + rows)[:, None] * BLOCK_K + dcols[None, :]
+        first += tl.load(p_ptr + base, mask=mask, other=0.0)
+        if TWO:
+            second += tl.load(p_ptr + base + d, mask=mask, other=0.0)
+    return first, second
+
+
+@triton.jit
+def _split_sum(p_ptr, rows, n_pad, SPLITS):
+    """sum over splits s of the partial [splits, n_pad] sums."""
+    total = tl.zeros(rows.shape, tl.float32)
+    for s in range(SPLITS):
+        total += tl.load(p_ptr + s * n_pad + rows)
+    return total
+
+
+@triton.jit
 def _mixture_finish_z_kernel(py_ptr, pr_ptr, z_ptr, c_ptr, gz_ptr, B, B_pad, d, stride_z, SPLITS,
                      DIAG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """Y = sum_s py_s, r = sum_s pr_s; isotropic (Y = -2 G p m): dz = -Y/2 - r (z - c);
     diagonal (Y = [G P, -2 G P m]): dz = -Y[:, d:2d] / 2 - (z - c) Y[:, :d]."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     dcols = tl.arange(0, BLOCK_D)
-    live = rows < B
-    mask = live[:, None] & (dcols < d)[None, :]
-    zc = tl.load(z_ptr + rows[:, None] * stride_z + dcols[None, :], mask=mask, other=0.0).to(tl.float32)
-    zc = zc - tl.load(c_ptr + dcols, mask=dcols < d, other=0.0)[None, :]
-    first = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)   # Y[:, :d]
-    second = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)  # Y[:, d:2d] (diagonal)
-    r = tl.zeros((BLOCK_R,), tl.float32)
-    for s in range(SPLITS):
-        base = (s * B_pad + rows)[:, None] * BLOCK_K + dcols[None, :]
-        first += tl.load(py_ptr + base, mask=mask, other=0.0)
-        if DIAG:
-            second += tl.load(py_ptr + base + d, mask=mask, other=0.0)
-        else:
-            r += tl.load(pr_ptr + s * B_pad + rows)
-    gz = -0.5 * second - zc * first if DIAG else -0.5 * first - r[:, None] * zc
+    mask, zc = _centred_rows(z_ptr, c_ptr, rows, dcols, B, d, stride_z)
+    first, second = _split_sums(py_ptr, rows, dcols, mask, B_pad, d, SPLITS, DIAG, BLOCK_K)  # Y[:, :d], Y[:, d:2d]
+    if DIAG:
+        gz = -0.5 * second - zc * first
+    else:
+        gz = -0.5 * first - _split_sum(pr_ptr, rows, B_pad, SPLITS)[:, None] * zc
     tl.store(gz_ptr + rows[:, None] * d + dcols[None, :], gz, mask=mask)
 
 
@@ -166,20 +192,10 @@ def _mixture_finish_m_kernel(px_ptr, pcs_ptr, pgd_ptr, means_ptr, c_ptr, lv_ptr,
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     dcols = tl.arange(0, BLOCK_D)
     live = rows < M
-    mask = live[:, None] & (dcols < d)[None, :]
-    mc = tl.load(means_ptr + rows[:, None] * stride_m + dcols[None, :], mask=mask, other=0.0).to(tl.float32)
-    mc = mc - tl.load(c_ptr + dcols, mask=dcols < d, other=0.0)[None, :]
-    first = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)   # X[:, :d]
-    second = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)  # X[:, d:2d] (diagonal)
-    cs = tl.zeros((BLOCK_R,), tl.float32)
-    gd = tl.zeros((BLOCK_R,), tl.float32)
-    for s in range(SPLITS):
-        base = (s * M_pad + rows)[:, None] * BLOCK_K + dcols[None, :]
-        first += tl.load(px_ptr + base, mask=mask, other=0.0)
-        if LV_MODE == 2:
-            second += tl.load(px_ptr + base + d, mask=mask, other=0.0)
-        cs += tl.load(pcs_ptr + s * M_pad + rows)
-        gd += tl.load(pgd_ptr + s * M_pad + rows)
+    mask, mc = _centred_rows(means_ptr, c_ptr, rows, dcols, M, d, stride_m)
+    first, second = _split_sums(px_ptr, rows, dcols, mask, M_pad, d, SPLITS, LV_MODE == 2, BLOCK_K)  # T2, T (diag)
+    cs = _split_sum(pcs_ptr, rows, M_pad, SPLITS)
+    gd = _split_sum(pgd_ptr, rows, M_pad, SPLITS)
     tl.store(gw_ptr + rows, cs, mask=live)
     out = rows[:, None] * d + dcols[None, :]
     if LV_MODE == 2:
@@ -189,10 +205,6 @@ def _mixture_finish_m_kernel(px_ptr, pcs_ptr, pgd_ptr, means_ptr, c_ptr, lv_ptr,
         glv = -0.5 * csb + 0.5 * prec * (first - 2.0 * mc * second + mc * mc * csb)
         tl.store(glv_ptr + out, glv, mask=mask)
     else:
-        if LV_MODE == 0:
-            lv = tl.load(lv_ptr + rows * 0).to(tl.float32)
-        else:
-            lv = tl.load(lv_ptr + rows, mask=live, other=0.0).to(tl.float32)
-        p = tl.exp(-lv)
+        p = tl.exp(-_row_log_var(lv_ptr, rows, live, LV_MODE == 0))
         tl.store(gm_ptr + out, p[:, None] * (first - cs[:, None] * mc), mask=mask)
         tl.store(glv_ptr + rows, -0.5 * d * cs + 0.5 * p * gd, mask=live)
