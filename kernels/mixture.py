@@ -72,23 +72,33 @@ CUDA_TILES = {
         "bwd_m": {16: (64, 64, 4), 32: (32, 64, 4), 64: (32, 64, 4), 128: (16, 32, 4)},
     },
 }
-SMALL_TILES = (32, 32, 4)  # B * M <= SMALL_WORK: more programs for the training shape (100, 500)
+# Widths of two column parts (see _k_parts) whose table entry above spills: 48 (d = 33-48 isotropic, 32 + 16)
+# and 80 (d = 33-40 diagonal, 64 + 16) hold both parts of the fixed operand in registers.
+WIDTH_TILES = {
+    90: {"bwd_z": {48: (64, 32, 4)}},
+    80: {"bwd_z": {48: (32, 32, 4), 80: (32, 16, 4)}},
+}
+# B * M <= SMALL_WORK: small tiles, more programs for the training shape (100, 500); the backward tiles
+# are halved on their accumulator's side so that two column parts fit without spilling.
+SMALL_TILES = {"fwd": (32, 32, 4), "bwd_z": (32, 16, 4), "bwd_m": (16, 32, 4)}
 
-# Programs of each kernel an SM runs at once with the tiles above (CUDA_TILES) and with SMALL_TILES, by
-# arch, kernel and K: occupancy from the registers and shared memory that `bype bench kernels
-# --compile-report` reads from the cubins (tiling.resident_programs; checked against fresh compiles by
-# tests/test_kernels_mixture.py). The split count uses them to fill whole waves (tiling.split).
+# Programs of each kernel an SM runs at once with the tiles above, by arch, kernel and operand width (K1 + K2
+# columns, see _k_parts): occupancy from the registers and shared memory that `bype bench kernels
+# --compile-report` reads from the cubins (tiling.resident_programs), the smaller of Triton 3.9's and
+# 3.6's over the report's shapes (checked against fresh compiles by tests/test_kernels_mixture.py).
+# The split count uses them to fill whole waves (tiling.split); widths not listed fall back to the
+# program-count rule.
 RESIDENT = {
-    90: {"fwd": {16: 5, 32: 3, 64: 1, 128: 1}, "bwd_z": {16: 4, 32: 3, 64: 2, 128: 2},
-         "bwd_m": {16: 3, 32: 2, 64: 2, 128: 2}},
-    80: {"fwd": {16: 6, 32: 3, 64: 1, 128: 1}, "bwd_z": {16: 3, 32: 2, 64: 2, 128: 2},
-         "bwd_m": {16: 2, 32: 2, 64: 2, 128: 2}},
+    90: {"fwd": {16: 5, 32: 3, 48: 2, 64: 1, 80: 2, 128: 1}, "bwd_z": {16: 3, 32: 2, 48: 2, 64: 2, 80: 2, 128: 2},
+         "bwd_m": {16: 2, 32: 2, 48: 2, 64: 2, 80: 2, 128: 2}},
+    80: {"fwd": {16: 6, 32: 3, 48: 2, 64: 1, 80: 2, 128: 1}, "bwd_z": {16: 3, 32: 2, 48: 2, 64: 2, 80: 2, 128: 2},
+         "bwd_m": {16: 2, 32: 2, 48: 2, 64: 2, 80: 2, 128: 2}},
 }
 SMALL_RESIDENT = {
-    90: {"fwd": {16: 9, 32: 6, 64: 4, 128: 2}, "bwd_z": {16: 6, 32: 4, 64: 4, 128: 2},
-         "bwd_m": {16: 4, 32: 3, 64: 4, 128: 2}},
-    80: {"fwd": {16: 9, 32: 6, 64: 3, 128: 1}, "bwd_z": {16: 7, 32: 4, 64: 3, 128: 2},
-         "bwd_m": {16: 4, 32: 3, 64: 3, 128: 2}},
+    90: {"fwd": {16: 9, 32: 6, 48: 6, 64: 4, 80: 3, 128: 2}, "bwd_z": {16: 7, 32: 5, 48: 4, 64: 4, 80: 3, 128: 2},
+         "bwd_m": {16: 8, 32: 4, 48: 4, 64: 4, 80: 2, 128: 2}},
+    80: {"fwd": {16: 9, 32: 6, 48: 4, 64: 3, 80: 2, 128: 1}, "bwd_z": {16: 7, 32: 5, 48: 4, 64: 4, 80: 3, 128: 2},
+         "bwd_m": {16: 8, 32: 4, 48: 4, 64: 4, 80: 3, 128: 2}},
 }
 
 
@@ -98,11 +108,12 @@ def resident_programs(kernel: str, B: int, M: int, K: int, target: tiling.Target
     if not target.cuda or target.arch not in RESIDENT:
         return 0
     table = SMALL_RESIDENT if B * M <= SMALL_WORK else RESIDENT
-    return table[target.arch][kernel][K]
+    return table[target.arch][kernel].get(K, 0)
 
 
 def tile_config(kernel: str, B: int, M: int, K: int, target: tiling.Target) -> tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_M, num_warps, num_stages) of one mixture kernel ('fwd', 'bwd_z', 'bwd_m').
+    """(BLOCK_B, BLOCK_M, num_warps, num_stages) of one mixture kernel ('fwd', 'bwd_z', 'bwd_m') whose
+    operand rows are K floats (both column parts, see _k_parts); the table is keyed by K's power of two.
 
     Three pipeline stages where the hi + lo tiles of the looped-over operand fit shared memory
     three times over next to the fixed operand (sm_80: 163 KiB, sm_90: 227 KiB per block), else
@@ -110,7 +121,10 @@ def tile_config(kernel: str, B: int, M: int, K: int, target: tiling.Target) -> t
     if not target.cuda:
         return CPU_BLOCKS[0], CPU_BLOCKS[1], 1, 1
     arch = tiling.table_arch(target)
-    bb, bm, warps = SMALL_TILES if B * M <= SMALL_WORK else CUDA_TILES[arch][kernel][K]
+    if B * M <= SMALL_WORK:
+        bb, bm, warps = SMALL_TILES[kernel]
+    else:
+        bb, bm, warps = WIDTH_TILES[arch].get(kernel, {}).get(K) or CUDA_TILES[arch][kernel][tiling.pow2_at_least(K)]
     loop_rows, fixed_rows = (bb, bm) if kernel == "bwd_m" else (bm, bb)
     per_stage = 2 * loop_rows * K * 4
     # sm_90 (wgmma) reads the fixed operand from shared memory; sm_80 keeps it in registers and
@@ -135,7 +149,8 @@ class _Operands:
     B: int
     M: int
     d: int
-    K: int
+    K: int          # row width of L and R: K1 + K2 columns (see _k_parts)
+    K1: int
     B_pad: int
     M_pad: int
     z: Tensor       # the inputs, as given (strided rows; any float dtype)
@@ -160,8 +175,22 @@ PREP_ROWS = 16  # rows per program of the preparation / combination kernels (eve
 LV_MODES = {"shared": 0, "component": 1, "diag": 2}
 
 
+def _k_parts(mode: str, d: int) -> tuple[int, int]:
+    """The columns of L and R (d isotropic, 2d diagonal) as one or two parts, each a power of two >= 16
+    (what tl.dot takes): 40 -> (32, 16), 48 columns instead of 64; 80 -> (64, 16); 64 -> (64, 0).
+    Two parts only where they save columns over one power of two."""
+    cols = (2 if mode == "diag" else 1) * d
+    whole = tiling.pow2_at_least(cols)
+    first = max(16, 1 << (cols.bit_length() - 1))
+    if cols <= first:
+        return whole, 0
+    second = tiling.pow2_at_least(cols - first)
+    return (first, second) if first + second < whole else (whole, 0)
+
+
 def _k_of(mode: str, d: int) -> int:
-    return tiling.pow2_at_least((2 if mode == "diag" else 1) * d)
+    """Row width of L and R in floats: both column parts."""
+    return sum(_k_parts(mode, d))
 
 
 def _padding(B: int, M: int, K: int, target: tiling.Target) -> tuple[int, int]:
@@ -183,7 +212,8 @@ def _operands(z, means, log_weights, log_var, target: tiling.Target, out: Option
     B, d = z.shape
     M = means.shape[0]
     mode = ref.log_var_mode(log_var)
-    K = _k_of(mode, d)
+    K1, K2 = _k_parts(mode, d)
+    K = K1 + K2
     B_pad, M_pad = _padding(B, M, K, target)
     f32 = dict(dtype=torch.float32, device=z.device)
     # contiguous: the kernels read rows with unit column stride (a no-op, no launch, for the usual inputs);
@@ -191,7 +221,7 @@ def _operands(z, means, log_weights, log_var, target: tiling.Target, out: Option
     z, means, log_weights, log_var = (t.detach().contiguous() for t in (z, means, log_weights, log_var))
     centre = means.float().mean(0)
     backward = out is not None
-    ops = _Operands(mode, B, M, d, K, B_pad, M_pad, z, means, log_weights, log_var, centre,
+    ops = _Operands(mode, B, M, d, K, K1, B_pad, M_pad, z, means, log_weights, log_var, centre,
                     *(torch.empty(B_pad, K, **f32) for _ in range(2)), *(torch.empty(M_pad, K, **f32) for _ in range(2)),
                     torch.empty(B_pad, **f32), *(torch.empty(M_pad, **f32) for _ in range(4)),
                     *((torch.empty(B_pad, **f32), torch.empty(B_pad, **f32)) if backward else (None, None)))
@@ -199,18 +229,20 @@ def _operands(z, means, log_weights, log_var, target: tiling.Target, out: Option
                          (ops.z, centre, ops.l_hi, ops.l_lo, ops.zz, out if backward else ops.zz,
                           grad.detach().contiguous() if backward else ops.zz, ops.lse2 if backward else ops.zz,
                           ops.g if backward else ops.zz, B, d, ops.z.stride(0)),
-                         _rows_meta(target, DIAG=mode == "diag", BACKWARD=backward, BLOCK_K=K))
+                         _rows_meta(target, DIAG=mode == "diag", BACKWARD=backward, KW=K,
+                                    BLOCK_K=tiling.pow2_at_least(K)))
     lv_stride = ops.log_var.stride(0) if mode == "diag" else 0
     components = tiling.Launch("_mixture_prep_components_kernel", (M_pad // PREP_ROWS,),
                                (ops.means, centre, ops.log_weights, ops.log_var, ops.r_hi, ops.r_lo, ops.c2, ops.p2,
                                 ops.q, ops.w, M, d, ops.means.stride(0), lv_stride),
-                               _rows_meta(target, LV_MODE=LV_MODES[mode], BLOCK_K=K, BLOCK_D=tiling.pow2_at_least(d, 1)))
+                               _rows_meta(target, LV_MODE=LV_MODES[mode], KW=K, BLOCK_K=tiling.pow2_at_least(K),
+                                          BLOCK_D=tiling.pow2_at_least(d, 1)))
     return ops, [rows, components]
 
 
 def _meta(kernel: str, ops: _Operands, target: tiling.Target) -> dict:
     bb, bm, warps, stages = tile_config(kernel, ops.B, ops.M, ops.K, target)
-    return dict(BLOCK_B=bb, BLOCK_M=bm, BLOCK_K=ops.K, PRECISION=_precision(target),
+    return dict(BLOCK_B=bb, BLOCK_M=bm, BLOCK_K=ops.K1, BLOCK_K2=ops.K - ops.K1, PRECISION=_precision(target),
                 num_warps=warps, num_stages=stages)
 
 
@@ -247,7 +279,7 @@ def backward_z_launches(ops: _Operands, target: tiling.Target) -> tuple[list[til
     gz = ops.zz.new_empty(ops.B, ops.d)
     finish = tiling.Launch("_mixture_finish_z_kernel", (ops.B_pad // PREP_ROWS,),
                            (py, pr, ops.z, ops.centre, gz, ops.B, ops.B_pad, ops.d, ops.z.stride(0), py.shape[0]),
-                           _rows_meta(target, DIAG=ops.mode == "diag", BLOCK_K=ops.K,
+                           _rows_meta(target, DIAG=ops.mode == "diag", KW=ops.K,
                                       BLOCK_D=tiling.pow2_at_least(ops.d, 1)))
     return [bwd, finish], gz
 
@@ -262,7 +294,7 @@ def backward_m_launches(ops: _Operands, target: tiling.Target) -> tuple[list[til
     finish = tiling.Launch("_mixture_finish_m_kernel", (ops.M_pad // PREP_ROWS,),
                            (px, pcs, pgd, ops.means, ops.centre, ops.log_var, gm, gw, glv, ops.M, ops.M_pad, ops.d,
                             ops.means.stride(0), lv_stride, px.shape[0]),
-                           _rows_meta(target, LV_MODE=LV_MODES[ops.mode], BLOCK_K=ops.K,
+                           _rows_meta(target, LV_MODE=LV_MODES[ops.mode], KW=ops.K,
                                       BLOCK_D=tiling.pow2_at_least(ops.d, 1)))
     return [bwd, finish], (gm, gw, glv)
 

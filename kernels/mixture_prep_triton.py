@@ -32,10 +32,10 @@ def _tf32_hi(x):
 
 
 @triton.jit
-def _store_hilo(hi_ptr, lo_ptr, offs, x):
+def _store_hilo(hi_ptr, lo_ptr, offs, x, mask):
     hi = _tf32_hi(x)
-    tl.store(hi_ptr + offs, hi)
-    tl.store(lo_ptr + offs, x - hi)
+    tl.store(hi_ptr + offs, hi, mask=mask)
+    tl.store(lo_ptr + offs, x - hi, mask=mask)
 
 
 @triton.jit
@@ -51,7 +51,8 @@ def _row_log_var(lv_ptr, rows, live, SHARED: tl.constexpr):
 @triton.jit
 def _mixture_prep_rows_kernel(z_ptr, c_ptr, lh_ptr, ll_ptr, zz_ptr, out_ptr, grad_ptr, lse2_ptr, g_ptr,
                       B, d, stride_z,
-                      DIAG: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                      DIAG: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr, KW: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_K)
     live = rows < B
@@ -61,12 +62,13 @@ def _mixture_prep_rows_kernel(z_ptr, c_ptr, lh_ptr, ll_ptr, zz_ptr, out_ptr, gra
     mask = live[:, None] & used[None, :]
     zc = tl.load(z_ptr + rows[:, None] * stride_z + coord[None, :], mask=mask, other=0.0).to(tl.float32)
     zc = tl.where(mask, zc - tl.load(c_ptr + coord, mask=used, other=0.0)[None, :], 0.0)
-    offs = rows[:, None] * BLOCK_K + cols[None, :]
+    offs = rows[:, None] * KW + cols[None, :]
+    row_mask = (cols < KW)[None, :] & (rows >= 0)[:, None]  # the row's KW columns (BLOCK_K >= KW)
     if DIAG:
-        _store_hilo(lh_ptr, ll_ptr, offs, tl.where(cols[None, :] < d, zc * zc, zc))
+        _store_hilo(lh_ptr, ll_ptr, offs, tl.where(cols[None, :] < d, zc * zc, zc), row_mask)
         tl.store(zz_ptr + rows, tl.zeros((BLOCK_R,), tl.float32))
     else:
-        _store_hilo(lh_ptr, ll_ptr, offs, zc)
+        _store_hilo(lh_ptr, ll_ptr, offs, zc, row_mask)
         tl.store(zz_ptr + rows, tl.sum(zc * zc, axis=1))
     if BACKWARD:
         lse = tl.load(out_ptr + rows, mask=live, other=float("-inf"))
@@ -79,7 +81,7 @@ def _mixture_prep_rows_kernel(z_ptr, c_ptr, lh_ptr, ll_ptr, zz_ptr, out_ptr, gra
 @triton.jit
 def _mixture_prep_components_kernel(means_ptr, c_ptr, lw_ptr, lv_ptr, rh_ptr, rl_ptr, c2_ptr, p2_ptr, q_ptr, w_ptr,
                             M, d, stride_m, stride_lv,
-                            LV_MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                            LV_MODE: tl.constexpr, BLOCK_R: tl.constexpr, KW: tl.constexpr, BLOCK_K: tl.constexpr,
                             BLOCK_D: tl.constexpr):
     """LV_MODE 0: shared log-variance (0-dim), 1: one per component [M], 2: diagonal [M, d]."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -89,7 +91,7 @@ def _mixture_prep_components_kernel(means_ptr, c_ptr, lw_ptr, lv_ptr, rh_ptr, rl
     mc = tl.where(dmask, mc, 0.0)
     lw = tl.load(lw_ptr + rows, mask=live, other=0.0).to(tl.float32)
     cols = tl.arange(0, BLOCK_K)
-    offs = rows[:, None] * BLOCK_K + cols[None, :]
+    offs = rows[:, None] * KW + cols[None, :]
     if LV_MODE == 2:
         lv = tl.load(lv_ptr + rows[:, None] * stride_lv + dcols[None, :], mask=dmask, other=0.0).to(tl.float32)
         prec = tl.where(dmask, tl.exp(-lv), 0.0)
@@ -114,7 +116,7 @@ def _mixture_prep_components_kernel(means_ptr, c_ptr, lw_ptr, lv_ptr, rh_ptr, rl
         r = tl.where(kmask, -2.0 * (mk - tl.load(c_ptr + cols, mask=cols < d, other=0.0)[None, :]), 0.0)
         p2 = 0.5 * LOG2E * p
         w = p
-    _store_hilo(rh_ptr, rl_ptr, offs, r)
+    _store_hilo(rh_ptr, rl_ptr, offs, r, (cols < KW)[None, :] & (rows >= 0)[:, None])
     tl.store(c2_ptr + rows, tl.where(live, LOG2E * c, float("-inf")))
     tl.store(p2_ptr + rows, tl.where(live, p2, 0.0))
     tl.store(q_ptr + rows, tl.where(live, q, 0.0))
@@ -144,12 +146,12 @@ def _centred_rows(x_ptr, c_ptr, rows, dcols, n, d, stride):
 
 
 @triton.jit
-def _split_sums(p_ptr, rows, dcols, mask, n_pad, d, SPLITS, TWO: tl.constexpr, BLOCK_K: tl.constexpr):
-    """sum over splits s of the partial [splits, n_pad, K] sums: columns [0, d) and, with TWO, [d, 2d)."""
+def _split_sums(p_ptr, rows, dcols, mask, n_pad, d, SPLITS, TWO: tl.constexpr, KW: tl.constexpr):
+    """sum over splits s of the partial [splits, n_pad, KW] sums: columns [0, d) and, with TWO, [d, 2d)."""
     first = tl.zeros(mask.shape, tl.float32)
     second = tl.zeros(mask.shape, tl.float32)
     for s in range(SPLITS):
-        base = (s * n_pad + rows)[:, None] * BLOCK_K + dcols[None, :]
+        base = (s * n_pad + rows)[:, None] * KW + dcols[None, :]
         first += tl.load(p_ptr + base, mask=mask, other=0.0)
         if TWO:
             second += tl.load(p_ptr + base + d, mask=mask, other=0.0)
@@ -167,13 +169,13 @@ def _split_sum(p_ptr, rows, n_pad, SPLITS):
 
 @triton.jit
 def _mixture_finish_z_kernel(py_ptr, pr_ptr, z_ptr, c_ptr, gz_ptr, B, B_pad, d, stride_z, SPLITS,
-                     DIAG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                     DIAG: tl.constexpr, BLOCK_R: tl.constexpr, KW: tl.constexpr, BLOCK_D: tl.constexpr):
     """Y = sum_s py_s, r = sum_s pr_s; isotropic (Y = -2 G p m): dz = -Y/2 - r (z - c);
     diagonal (Y = [G P, -2 G P m]): dz = -Y[:, d:2d] / 2 - (z - c) Y[:, :d]."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     dcols = tl.arange(0, BLOCK_D)
     mask, zc = _centred_rows(z_ptr, c_ptr, rows, dcols, B, d, stride_z)
-    first, second = _split_sums(py_ptr, rows, dcols, mask, B_pad, d, SPLITS, DIAG, BLOCK_K)  # Y[:, :d], Y[:, d:2d]
+    first, second = _split_sums(py_ptr, rows, dcols, mask, B_pad, d, SPLITS, DIAG, KW)  # Y[:, :d], Y[:, d:2d]
     if DIAG:
         gz = -0.5 * second - zc * first
     else:
@@ -184,7 +186,7 @@ def _mixture_finish_z_kernel(py_ptr, pr_ptr, z_ptr, c_ptr, gz_ptr, B, B_pad, d, 
 @triton.jit
 def _mixture_finish_m_kernel(px_ptr, pcs_ptr, pgd_ptr, means_ptr, c_ptr, lv_ptr, gm_ptr, gw_ptr, glv_ptr,
                      M, M_pad, d, stride_m, stride_lv, SPLITS,
-                     LV_MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                     LV_MODE: tl.constexpr, BLOCK_R: tl.constexpr, KW: tl.constexpr, BLOCK_D: tl.constexpr):
     """X = sum_s px_s, cs = sum_s pcs_s, gd = sum_s pgd_s; dlog_w = cs;
     isotropic (X = G^T z, gd = sum_b G |z_b - m|^2): dm = p (X - cs m), dlv = -d cs / 2 + p gd / 2 per row
     (the host sums them for a shared log-variance); diagonal (X = [G^T z^2, G^T z]): dm = P (T - cs m),
@@ -193,7 +195,7 @@ def _mixture_finish_m_kernel(px_ptr, pcs_ptr, pgd_ptr, means_ptr, c_ptr, lv_ptr,
     dcols = tl.arange(0, BLOCK_D)
     live = rows < M
     mask, mc = _centred_rows(means_ptr, c_ptr, rows, dcols, M, d, stride_m)
-    first, second = _split_sums(px_ptr, rows, dcols, mask, M_pad, d, SPLITS, LV_MODE == 2, BLOCK_K)  # T2, T (diag)
+    first, second = _split_sums(px_ptr, rows, dcols, mask, M_pad, d, SPLITS, LV_MODE == 2, KW)  # T2, T (diag)
     cs = _split_sum(pcs_ptr, rows, M_pad, SPLITS)
     gd = _split_sum(pgd_ptr, rows, M_pad, SPLITS)
     tl.store(gw_ptr + rows, cs, mask=live)

@@ -49,9 +49,17 @@ def _dot3(a_hi, a_lo, b_hi, b_lo, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _load_hilo(hi_ptr, lo_ptr, rows, k_offs, BLOCK_K: tl.constexpr):
-    """hi and lo parts of the [rows, K] tile of a host-padded operand (no masks)."""
-    offs = rows[:, None] * BLOCK_K + k_offs[None, :]
+def _load_hilo(hi_ptr, lo_ptr, rows, col0, k_offs, KW: tl.constexpr):
+    """hi and lo parts of columns [col0, col0 + len(k_offs)) of rows of a host-padded operand whose rows
+    are KW floats long (no masks)."""
+    offs = rows[:, None] * KW + col0 + k_offs[None, :]
+    return tl.load(hi_ptr + offs), tl.load(lo_ptr + offs)
+
+
+@triton.jit
+def _load_hilo_t(hi_ptr, lo_ptr, rows, col0, k_offs, KW: tl.constexpr):
+    """The same tile transposed, [len(k_offs), rows]: a loaded layout, no register transpose."""
+    offs = rows[None, :] * KW + col0 + k_offs[:, None]
     return tl.load(hi_ptr + offs), tl.load(lo_ptr + offs)
 
 
@@ -70,42 +78,56 @@ def _log2_scores(cross, norms, c2, p2):
     return d2, c2 - p2 * d2
 
 
+# The K columns of L and R are two parts, [0, BLOCK_K) and [BLOCK_K, BLOCK_K + BLOCK_K2), each a power of two
+# >= 16 (what tl.dot takes): d = 40 is 32 + 16 = 48 columns instead of 64 (a quarter less tensor-core
+# work and shared memory). BLOCK_K2 = 0: one part. Rows are KW = BLOCK_K + BLOCK_K2 floats long.
 @triton.jit
-def _row_program(lh_ptr, ll_ptr, zz_ptr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rows of a program over z-row tiles: offsets, L hi / lo (kept for the whole loop), |z|^2."""
+def _row_program(lh_ptr, ll_ptr, zz_ptr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr):
+    """Rows of a program over z-row tiles: offsets, L hi / lo of both column parts (kept for the whole
+    loop; the second part is unused when BLOCK_K2 = 0), |z|^2."""
+    KW: tl.constexpr = BLOCK_K + BLOCK_K2
     b_offs = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    k_offs = tl.arange(0, BLOCK_K)
-    l_hi, l_lo = _load_hilo(lh_ptr, ll_ptr, b_offs, k_offs, BLOCK_K)
-    return b_offs, k_offs, l_hi, l_lo, tl.load(zz_ptr + b_offs)
+    l_hi, l_lo = _load_hilo(lh_ptr, ll_ptr, b_offs, 0, tl.arange(0, BLOCK_K), KW)
+    if BLOCK_K2 > 0:
+        l2_hi, l2_lo = _load_hilo(lh_ptr, ll_ptr, b_offs, BLOCK_K, tl.arange(0, BLOCK_K2), KW)
+    else:
+        l2_hi, l2_lo = l_hi, l_lo
+    return b_offs, l_hi, l_lo, l2_hi, l2_lo, tl.load(zz_ptr + b_offs)
 
 
 @triton.jit
-def _row_tile_scores(l_hi, l_lo, zz, rh_ptr, rl_ptr, c2_ptr, p2_ptr, q_ptr, m_offs, k_offs,
-                     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+def _row_tile_scores(l_hi, l_lo, l2_hi, l2_lo, zz, rh_ptr, rl_ptr, c2_ptr, p2_ptr, q_ptr, m_offs,
+                     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
                      PRECISION: tl.constexpr):
-    """(R hi, R lo, d2, s2) of a [BLOCK_B rows, BLOCK_M components] tile."""
-    r_hi, r_lo = _load_hilo(rh_ptr, rl_ptr, m_offs, k_offs, BLOCK_K)
+    """(R hi, R lo of both parts, d2, s2) of a [BLOCK_B rows, BLOCK_M components] tile."""
+    KW: tl.constexpr = BLOCK_K + BLOCK_K2
+    r_hi, r_lo = _load_hilo(rh_ptr, rl_ptr, m_offs, 0, tl.arange(0, BLOCK_K), KW)
     cross = _dot3(l_hi, l_lo, tl.trans(r_hi), tl.trans(r_lo), tl.zeros((BLOCK_B, BLOCK_M), tl.float32), PRECISION)
+    if BLOCK_K2 > 0:
+        r2_hi, r2_lo = _load_hilo(rh_ptr, rl_ptr, m_offs, BLOCK_K, tl.arange(0, BLOCK_K2), KW)
+        cross = _dot3(l2_hi, l2_lo, tl.trans(r2_hi), tl.trans(r2_lo), cross, PRECISION)
+    else:
+        r2_hi, r2_lo = r_hi, r_lo
     q = tl.load(q_ptr + m_offs)
     d2, s2 = _log2_scores(cross, zz[:, None] + q[None, :], tl.load(c2_ptr + m_offs)[None, :],
                           tl.load(p2_ptr + m_offs)[None, :])
-    return r_hi, r_lo, d2, s2
+    return r_hi, r_lo, r2_hi, r2_lo, d2, s2
 
 
 @triton.jit
 def _mixture_fwd_kernel(lh_ptr, ll_ptr, rh_ptr, rl_ptr, zz_ptr, c2_ptr, p2_ptr, q_ptr,
                         pmax_ptr, psum_ptr, B_pad, M_pad, TILES_PER_SPLIT,
                         BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        BLOCK_K2: tl.constexpr, PRECISION: tl.constexpr):
     pid_s = tl.program_id(1)
-    b_offs, k_offs, l_hi, l_lo, zz = _row_program(lh_ptr, ll_ptr, zz_ptr, BLOCK_B, BLOCK_K)
+    b_offs, l_hi, l_lo, l2_hi, l2_lo, zz = _row_program(lh_ptr, ll_ptr, zz_ptr, BLOCK_B, BLOCK_K, BLOCK_K2)
     run_max = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_B,), tl.float32)
     m_lo, m_hi = _split_bounds(pid_s, TILES_PER_SPLIT, BLOCK_M, M_pad)
     for start in range(m_lo, m_hi, BLOCK_M):
         m_offs = start + tl.arange(0, BLOCK_M)
-        r_hi, r_lo, d2, s2 = _row_tile_scores(l_hi, l_lo, zz, rh_ptr, rl_ptr, c2_ptr, p2_ptr, q_ptr, m_offs,
-                                              k_offs, BLOCK_B, BLOCK_M, BLOCK_K, PRECISION)
+        _, _, _, _, d2, s2 = _row_tile_scores(l_hi, l_lo, l2_hi, l2_lo, zz, rh_ptr, rl_ptr, c2_ptr, p2_ptr, q_ptr,
+                                              m_offs, BLOCK_B, BLOCK_M, BLOCK_K, BLOCK_K2, PRECISION)
         new_max = tl.maximum(run_max, tl.max(s2, axis=1))
         # every score -inf so far (-inf weights, padding): subtract 0 instead of -inf (no NaN)
         safe = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -120,24 +142,32 @@ def _mixture_fwd_kernel(lh_ptr, ll_ptr, rh_ptr, rl_ptr, zz_ptr, c2_ptr, p2_ptr, 
 def _mixture_bwd_z_kernel(lh_ptr, ll_ptr, rh_ptr, rl_ptr, zz_ptr, c2_ptr, p2_ptr, q_ptr, w_ptr,
                           lse2_ptr, g_ptr, py_ptr, pr_ptr, B_pad, M_pad, TILES_PER_SPLIT,
                           BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PRECISION: tl.constexpr):
+                          BLOCK_K2: tl.constexpr, PRECISION: tl.constexpr):
+    KW: tl.constexpr = BLOCK_K + BLOCK_K2
     pid_s = tl.program_id(1)
-    b_offs, k_offs, l_hi, l_lo, zz = _row_program(lh_ptr, ll_ptr, zz_ptr, BLOCK_B, BLOCK_K)
+    b_offs, l_hi, l_lo, l2_hi, l2_lo, zz = _row_program(lh_ptr, ll_ptr, zz_ptr, BLOCK_B, BLOCK_K, BLOCK_K2)
     lse2 = tl.load(lse2_ptr + b_offs)
     g = tl.load(g_ptr + b_offs)
     acc_y = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
+    acc_y2 = tl.zeros((BLOCK_B, BLOCK_K2 if BLOCK_K2 > 0 else BLOCK_K), tl.float32)
     acc_r = tl.zeros((BLOCK_B,), tl.float32)
     m_lo, m_hi = _split_bounds(pid_s, TILES_PER_SPLIT, BLOCK_M, M_pad)
     for start in range(m_lo, m_hi, BLOCK_M):
         m_offs = start + tl.arange(0, BLOCK_M)
-        r_hi, r_lo, d2, s2 = _row_tile_scores(l_hi, l_lo, zz, rh_ptr, rl_ptr, c2_ptr, p2_ptr, q_ptr, m_offs,
-                                              k_offs, BLOCK_B, BLOCK_M, BLOCK_K, PRECISION)
+        r_hi, r_lo, r2_hi, r2_lo, d2, s2 = _row_tile_scores(l_hi, l_lo, l2_hi, l2_lo, zz, rh_ptr, rl_ptr, c2_ptr,
+                                                            p2_ptr, q_ptr, m_offs, BLOCK_B, BLOCK_M, BLOCK_K,
+                                                            BLOCK_K2, PRECISION)
         gw = (g[:, None] * tl.exp2(s2 - lse2[:, None])) * tl.load(w_ptr + m_offs)[None, :]
         acc_r += tl.sum(gw, axis=1)
         gw_hi, gw_lo = _split_tf32(gw)
         acc_y = _dot3(gw_hi, gw_lo, r_hi, r_lo, acc_y, PRECISION)
+        if BLOCK_K2 > 0:
+            acc_y2 = _dot3(gw_hi, gw_lo, r2_hi, r2_lo, acc_y2, PRECISION)
     out_offs = pid_s * B_pad + b_offs
-    tl.store(py_ptr + out_offs[:, None] * BLOCK_K + k_offs[None, :], acc_y)
+    k_offs = tl.arange(0, BLOCK_K)
+    tl.store(py_ptr + out_offs[:, None] * KW + k_offs[None, :], acc_y)
+    if BLOCK_K2 > 0:
+        tl.store(py_ptr + out_offs[:, None] * KW + BLOCK_K + tl.arange(0, BLOCK_K2)[None, :], acc_y2)
     tl.store(pr_ptr + out_offs, acc_r)
 
 
@@ -145,33 +175,42 @@ def _mixture_bwd_z_kernel(lh_ptr, ll_ptr, rh_ptr, rl_ptr, zz_ptr, c2_ptr, p2_ptr
 def _mixture_bwd_m_kernel(lh_ptr, ll_ptr, rh_ptr, rl_ptr, zz_ptr, c2_ptr, p2_ptr, q_ptr,
                           lse2_ptr, g_ptr, px_ptr, pcs_ptr, pgd_ptr, B_pad, M_pad, TILES_PER_SPLIT,
                           BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PRECISION: tl.constexpr):
+                          BLOCK_K2: tl.constexpr, PRECISION: tl.constexpr):
+    KW: tl.constexpr = BLOCK_K + BLOCK_K2
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     m_offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k_offs = tl.arange(0, BLOCK_K)
-    r_hi, r_lo = _load_hilo(rh_ptr, rl_ptr, m_offs, k_offs, BLOCK_K)
+    r_hi, r_lo = _load_hilo(rh_ptr, rl_ptr, m_offs, 0, k_offs, KW)
+    if BLOCK_K2 > 0:
+        r2_hi, r2_lo = _load_hilo(rh_ptr, rl_ptr, m_offs, BLOCK_K, tl.arange(0, BLOCK_K2), KW)
     c2 = tl.load(c2_ptr + m_offs)[:, None]
     p2 = tl.load(p2_ptr + m_offs)[:, None]
     q = tl.load(q_ptr + m_offs)
     acc_x = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+    acc_x2 = tl.zeros((BLOCK_M, BLOCK_K2 if BLOCK_K2 > 0 else BLOCK_K), tl.float32)
     acc_cs = tl.zeros((BLOCK_M,), tl.float32)
     acc_gd = tl.zeros((BLOCK_M,), tl.float32)
     b_lo, b_hi = _split_bounds(pid_s, TILES_PER_SPLIT, BLOCK_B, B_pad)
     for start in range(b_lo, b_hi, BLOCK_B):
         b_offs = start + tl.arange(0, BLOCK_B)
-        lt_offs = b_offs[None, :] * BLOCK_K + k_offs[:, None]
-        lt_hi = tl.load(lh_ptr + lt_offs)  # L^T tile [K, BLOCK_B]
-        lt_lo = tl.load(ll_ptr + lt_offs)
+        lt_hi, lt_lo = _load_hilo_t(lh_ptr, ll_ptr, b_offs, 0, k_offs, KW)  # L^T tile [K, BLOCK_B]
         # transposed scores [BLOCK_M, BLOCK_B]: G^T feeds the next dot without a transpose
         cross = _dot3(r_hi, r_lo, lt_hi, lt_lo, tl.zeros((BLOCK_M, BLOCK_B), tl.float32), PRECISION)
+        if BLOCK_K2 > 0:
+            lt2_hi, lt2_lo = _load_hilo_t(lh_ptr, ll_ptr, b_offs, BLOCK_K, tl.arange(0, BLOCK_K2), KW)
+            cross = _dot3(r2_hi, r2_lo, lt2_hi, lt2_lo, cross, PRECISION)
         d2, s2 = _log2_scores(cross, q[:, None] + tl.load(zz_ptr + b_offs)[None, :], c2, p2)
         gt = tl.load(g_ptr + b_offs)[None, :] * tl.exp2(s2 - tl.load(lse2_ptr + b_offs)[None, :])
         acc_cs += tl.sum(gt, axis=1)
         acc_gd += tl.sum(gt * d2, axis=1)
         gt_hi, gt_lo = _split_tf32(gt)
         acc_x = _dot3(gt_hi, gt_lo, tl.trans(lt_hi), tl.trans(lt_lo), acc_x, PRECISION)
+        if BLOCK_K2 > 0:
+            acc_x2 = _dot3(gt_hi, gt_lo, tl.trans(lt2_hi), tl.trans(lt2_lo), acc_x2, PRECISION)
     out_offs = pid_s * M_pad + m_offs
-    tl.store(px_ptr + out_offs[:, None] * BLOCK_K + k_offs[None, :], acc_x)
+    tl.store(px_ptr + out_offs[:, None] * KW + k_offs[None, :], acc_x)
+    if BLOCK_K2 > 0:
+        tl.store(px_ptr + out_offs[:, None] * KW + BLOCK_K + tl.arange(0, BLOCK_K2)[None, :], acc_x2)
     tl.store(pcs_ptr + out_offs, acc_cs)
     tl.store(pgd_ptr + out_offs, acc_gd)

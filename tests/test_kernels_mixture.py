@@ -34,7 +34,7 @@ CASES = [
 ]
 IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(bool(TRITON_SKIP), reason=TRITON_SKIP))]
 MODES = ["shared", "component", "diag"]
-SHAPES = [(37, 53, 7), (5, 1, 3), (70, 33, 20)]
+SHAPES = [(37, 53, 7), (5, 1, 3), (70, 33, 20), (19, 45, 40)]  # d = 40: two column parts (32 + 16, diag 64 + 16)
 FP32 = 2.0**-24
 
 
@@ -556,8 +556,8 @@ def test_bench_kernels_compile_report(tmp_path):
         if r["kernel"] in expected:
             assert r["programs"] == expected[r["kernel"]] and r["log_var"] == "diag"
         if r["kernel"] in ("mixture_fwd", "mixture_bwd_z", "mixture_bwd_m"):  # the table the splits use
-            K = tiling.pow2_at_least(2 * 40)
-            assert r["resident"] == mix.resident_programs(r["kernel"].split("_", 1)[1], 100, 500, K, target), r
+            table = mix.resident_programs(r["kernel"].split("_", 1)[1], 100, 500, mix._k_of("diag", 40), target)
+            assert r["resident"] - 1 <= table <= r["resident"], (r, table)
 
 
 @pytest.mark.parametrize("mode", ["shared", "diag"])
@@ -576,7 +576,9 @@ def test_triton_call_is_a_few_launches(mode):
 @pytest.mark.parametrize("arch", [80, 90])
 def test_resident_table_matches_compiled_kernels(arch):
     """The split count trusts RESIDENT (programs per SM at once): recompute it from the registers and
-    shared memory of freshly compiled kernels at a large shape, K = 64 (d = 40 isotropic), both archs."""
+    shared memory of freshly compiled kernels at a large shape, d = 40 isotropic (48 columns: 32 + 16),
+    both archs. The table never states more than the binary allows and is at most one below (it keeps
+    the smaller of two Triton versions' counts)."""
     import json
     import subprocess
     import sys
@@ -592,8 +594,8 @@ def test_resident_table_matches_compiled_kernels(arch):
     assert len(records) == 3
     for r in records:
         computed = tiling.resident_programs(arch, 4, r["regs"], r["shared_bytes"])
-        assert computed == r["resident"] == mix.resident_programs(r["kernel"].split("_", 1)[1], 1024, 50000, 64,
-                                                                   tiling.cuda_target(arch)), r
+        table = mix.resident_programs(r["kernel"].split("_", 1)[1], 1024, 50000, 48, tiling.cuda_target(arch))
+        assert computed == r["resident"] and computed - 1 <= table <= computed, (r, table)
 
 
 def test_split_fills_whole_waves():
