@@ -618,3 +618,18 @@ def test_split_fills_whole_waves():
         old_splits, old_per = tiling.split(loop_tiles, other, target)
         assert makespan <= tiling.cdiv(other * old_splits, slots) * old_per
     assert tiling.split(782, 16, target, 2) == (33, 24)  # 528 programs: exactly 2 waves of 264
+
+
+def test_bench_kernels_launches_cli(tmp_path, capsys):
+    """`bype bench kernels --launches` prints the table and writes one record per (log_var, impl)."""
+    import json
+
+    from bype.cli import main
+
+    out = tmp_path / "launches.json"
+    assert main(["bench", "kernels", "--launches", "--B", "37", "--M", "53", "--d", "7", "--log-var", "diag",
+                 "--json", str(out)]) == 0
+    assert "| impl | B | M | d | log_var | aten launches |" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert [(r["impl"], r["log_var"], r["B"]) for r in rows] == [("torch", "diag", 37), ("triton", "diag", 37)]
+    assert rows[1]["triton_launches"] == 10 and rows[1]["launches"] < rows[0]["launches"]
