@@ -53,16 +53,24 @@ def plan(out: Path, fmnist: str | None) -> list[Step]:
     data = [f"data.root={fmnist}"] if fmnist else []
     compiled = {"TRITON_INTERPRET": "0"}  # real GPU kernels, never the interpreter
     runs = str(out / "runs")
+    # In order of what the kernels' goals need: correctness on CUDA (it also compiles every kernel variant
+    # into Triton's cache for the later steps), the two benchmark shapes, the split-rule A/B; then the
+    # training comparisons and the test files, which a short budget may cut.
     return [
         Step("env", "GPU, driver, torch / triton versions",
              [py, "-c", _ENV_PROBE], 30),
         Step("kernel_accuracy", "Triton on CUDA against a float64 reference, forward and all gradients; "
              "registers and spills of the compiled kernels",
-             [py, "-m", "bype.bench._gpu_accuracy", "--json", str(out / "kernel_accuracy.json")], 60, compiled),
+             [py, "-m", "bype.bench._gpu_accuracy", "--json", str(out / "kernel_accuracy.json")], 120, compiled),
         Step("bench_kernels_large", "bype bench kernels --device cuda at B=1024, M=50,000, d=40",
              bype + ["bench", "kernels", "--device", "cuda", "--B", "1024", "--M", "50000", "--d", "40",
                      "--impls", "naive,chunked,compiled,triton", "--passes", "fwd,fwdbwd", "--repeats", "10",
                      "--out", str(out / "bench_large")], 90, compiled),
+        Step("bench_kernels_training",
+             "bype bench kernels --device cuda at the training shapes B=100, M=500 and 25,000",
+             bype + ["bench", "kernels", "--device", "cuda", "--B", "100", "--M", "500,25000", "--d", "40",
+                     "--impls", "naive,chunked,compiled,triton", "--passes", "fwd,fwdbwd", "--repeats", "20",
+                     "--out", str(out / "bench_training")], 75, compiled),
         Step("bench_kernels_split_programs", "Triton at B=1024, M=50,000, d=40 with the program-count split "
              "rule (BYPE_KERNEL_SPLIT=programs), against the whole-wave rule of bench_kernels_large",
              bype + ["bench", "kernels", "--device", "cuda", "--B", "1024", "--M", "50000", "--d", "40",
@@ -79,13 +87,9 @@ def plan(out: Path, fmnist: str | None) -> list[Step]:
               f"out_dir={runs}", "name=ddp", "dist.engine=ddp", "dist.backend=nccl", "device=cuda",
               "data.train_limit=10000", "train.epochs=2", "coreset.every=1", "eval.at_end=false"] + data,
              75, compiled),
-        Step("bench_kernels_training", "the same at the training shapes B=100, M=500 and 25,000",
-             bype + ["bench", "kernels", "--device", "cuda", "--B", "100", "--M", "500,25000", "--d", "40",
-                     "--impls", "naive,chunked,compiled,triton", "--passes", "fwd,fwdbwd", "--repeats", "20",
-                     "--out", str(out / "bench_training")], 75, compiled),
         Step("kernel_tests", "kernel test files with compiled Triton (CUDA parameters where the tests have them)",
              [py, "-m", "pytest", "-q", "-rs", "tests/test_kernels_mixture.py", "tests/test_kernels_coreset.py",
-              "-p", "no:cacheprovider"], 100, compiled),
+              "-p", "no:cacheprovider"], 150, compiled),
     ]
 
 
