@@ -56,7 +56,7 @@ SMALL_WORK = 1 << 21
 
 
 # CUDA tiles (BLOCK_B, BLOCK_M, num_warps) per kernel and K (columns of L / R: d isotropic, 2d
-# diagonal, padded to a power of two), for problems of more than SMALL_WORK pairs. Chosen with
+# diagonal; the operand width rounded up to a power of two), for problems of more than SMALL_WORK pairs. Chosen with
 # `bype bench kernels --compile-report sm_90 / sm_80`: the largest tiles with zero spills. The
 # fixed operand's hi and lo parts live in registers for the whole loop, so the wide-K backward
 # kernels shrink the non-looped side (docs/KERNELS.md, "Tile table").
@@ -135,9 +135,9 @@ def tile_config(kernel: str, B: int, M: int, K: int, target: tiling.Target) -> t
 
 
 def _precision(target: tiling.Target) -> str:
-    # 3xTF32 (hi/lo parts split on the host, three chained tf32 dots) keeps ~fp32 accuracy on
-    # tensor cores; plain tf32 (10-bit mantissa) would ruin the distances. The interpreter (and
-    # ROCm) compute the same three dots in ieee fp32.
+    # 3xTF32 (hi/lo parts split once per pass by the preparation kernels, three chained tf32 dots)
+    # keeps ~fp32 accuracy on tensor cores; plain tf32 (10-bit mantissa) would ruin the distances. The
+    # interpreter (and ROCm) compute the same three dots in ieee fp32.
     return "tf32" if (target.cuda and torch.version.hip is None) else "ieee"
 
 
@@ -222,7 +222,8 @@ def _operands(z, means, log_weights, log_var, target: tiling.Target, out: Option
     centre = means.float().mean(0)
     backward = out is not None
     ops = _Operands(mode, B, M, d, K, K1, B_pad, M_pad, z, means, log_weights, log_var, centre,
-                    *(torch.empty(B_pad, K, **f32) for _ in range(2)), *(torch.empty(M_pad, K, **f32) for _ in range(2)),
+                    *(torch.empty(B_pad, K, **f32) for _ in range(2)),
+                    *(torch.empty(M_pad, K, **f32) for _ in range(2)),
                     torch.empty(B_pad, **f32), *(torch.empty(M_pad, **f32) for _ in range(4)),
                     *((torch.empty(B_pad, **f32), torch.empty(B_pad, **f32)) if backward else (None, None)))
     rows = tiling.Launch("_mixture_prep_rows_kernel", (B_pad // PREP_ROWS,),

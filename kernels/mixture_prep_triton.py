@@ -10,8 +10,9 @@ constants took ~35 launches per pass and the combination of the splits ~10 more 
 * ``_mixture_prep_components_kernel``: means, log weights, log-variances -> R hi / lo [M_pad, K] and
   c2, p2, q, w [M_pad] (padding: c2 = -inf, the rest 0).
 * ``_mixture_combine_fwd_kernel``: partial max / sum per split -> log-density [B] (fixed order, deterministic).
-* ``_mixture_finish_z_kernel``, ``_mixture_finish_m_kernel``: partial backward sums per split -> the gradients of z and of
-  (means, log weights, log-variances), the formulas of ``kernels.mixture.triton_backward``'s docstring.
+* ``_mixture_finish_z_kernel``, ``_mixture_finish_m_kernel``: partial backward sums per split -> the
+  gradients of z and of (means, log weights, log-variances), the formulas of
+  ``kernels.mixture.triton_backward``'s docstring.
 
 Every operand definition is the one in :mod:`kernels.mixture_triton`'s docstring; ``c`` is the centre
 (the mean of the means, computed by the host: one reduction). Rows beyond B / M and columns beyond the
@@ -201,7 +202,8 @@ def _mixture_finish_m_kernel(px_ptr, pcs_ptr, pgd_ptr, means_ptr, c_ptr, lv_ptr,
     tl.store(gw_ptr + rows, cs, mask=live)
     out = rows[:, None] * d + dcols[None, :]
     if LV_MODE == 2:
-        prec = tl.exp(-tl.load(lv_ptr + rows[:, None] * stride_lv + dcols[None, :], mask=mask, other=0.0).to(tl.float32))
+        lv = tl.load(lv_ptr + rows[:, None] * stride_lv + dcols[None, :], mask=mask, other=0.0)
+        prec = tl.exp(-lv.to(tl.float32))
         csb = cs[:, None]
         tl.store(gm_ptr + out, prec * (second - csb * mc), mask=mask)
         glv = -0.5 * csb + 0.5 * prec * (first - 2.0 * mc * second + mc * mc * csb)

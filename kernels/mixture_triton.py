@@ -4,17 +4,18 @@ Imported lazily by the launchers in :mod:`kernels.mixture`, so that ``import ker
 imports triton: Triton decides at its own import time whether ``@triton.jit`` compiles or
 interprets (``TRITON_INTERPRET=1``), and the torch path must not fix that choice early.
 
-Every kernel sees the same host-built operands (kernels/mixture.py, ``_prepare``):
+Every kernel sees the same operands, written once per pass by the preparation kernels
+(kernels/mixture_prep_triton.py, launched by kernels/mixture.py ``_operands``):
 
-    cross[b, m] = L[b] . R[m]          (K columns, zero padded; hi + lo tf32 parts of each)
+    cross[b, m] = L[b] . R[m]          (K1 + K2 columns, zero padded; hi + lo tf32 parts of each)
     d2[b, m]    = max(cross + zz[b] + q[m], 0)
-    s2[b, m]    = c2[m] - p2[m] * d2    (log2 units: log2(e) folded into c2 and p2 on the host)
+    s2[b, m]    = c2[m] - p2[m] * d2    (log2 units: log2(e) folded into c2 and p2 beforehand)
 
 isotropic: L = z, R = -2 m, zz = |z|^2, q = |m|^2; diagonal: L = [z^2, z], R = [P, -2 P m],
 zz = 0, q = sum P m^2. Rows are padded to BLOCK_B (g = 0, lse = +inf) and components to
 BLOCK_M (c2 = -inf, p2 = 0): no masks anywhere. Each grid axis that would leave the device
-idle is split (flash-decoding): programs write partial results that the host combines in a
-fixed order (deterministic, no atomics).
+idle is split (flash-decoding): programs write partial results that one combination kernel per
+pass sums in a fixed order (deterministic, no atomics).
 
 * ``_mixture_fwd_kernel``: (row tile, component split) -> partial max / sum of 2^s2.
 * ``_mixture_bwd_z_kernel``: (row tile, component split) -> partial sum_m G w_m R[m] and
