@@ -18,6 +18,7 @@ import json
 import os
 import pkgutil
 import sys
+from typing import Optional
 
 
 def _subcommand_modules(package: str) -> list[str]:
@@ -48,7 +49,7 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _check_train(cfg, resume: bool, world_size: int) -> int:
+def _check_train(cfg, resume: bool, world_size: Optional[int]) -> int:
     """What a start checks before any worker starts (launch/*.sh call this once), reported in one line."""
     from bype import checkpoint
     from bype.preflight import check_resume_world, check_start
@@ -57,10 +58,12 @@ def _check_train(cfg, resume: bool, world_size: int) -> int:
     if resume:
         path = os.path.join(cfg.run_dir, "last.pt")
         state = checkpoint.load(path)  # truncated or foreign checkpoints stop here
-        check_resume_world(state, world_size, path)
+        if world_size is not None:
+            check_resume_world(state, world_size, path)
     sizes = ", ".join(f"{k} {v}" for k, v in counts.items())
     print(f"bype: check passed: {'resume' if resume else 'start'} {cfg.run_dir} ({cfg.prior.kind} prior, "
-          f"{cfg.model.arch}, {cfg.data.dataset}: {sizes}; {world_size} process{'es' if world_size > 1 else ''})")
+          f"{cfg.model.arch}, {cfg.data.dataset}: {sizes}; "
+          f"{'processes: unknown' if world_size is None else f'{world_size} process' + ('es' if world_size > 1 else '')})")
     return 0
 
 
@@ -121,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--check", action="store_true",
                    help="only validate the config, the data sizes and the run directory (one line; exit 2 if bad)")
-    p.add_argument("--world-size", type=int, default=1, metavar="N",
-                   help="with --check: the processes the run will have (the launchers pass it)")
+    p.add_argument("--world-size", type=int, default=None, metavar="N",
+                   help="with --check: the processes the run will have (the launchers pass it when they know "
+                        "it; without it the checks that need it are left to the workers)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.set_defaults(func=_cmd_train)
 

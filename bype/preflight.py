@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+from typing import Optional
 
 from bype.config import Config, ConfigError
 
@@ -110,10 +111,12 @@ def check_resume_world(state: dict, world_size: int, path: str) -> None:
                           f"resume with {saved} processes, not {world_size}")
 
 
-def check_start(cfg: Config, resume: bool, world_size: int = 1) -> dict[str, int]:
-    """The checks of a start (fresh or resumed) that need no model: run directory, world size, data sizes."""
+def check_start(cfg: Config, resume: bool, world_size: Optional[int] = 1) -> dict[str, int]:
+    """The checks of a start (fresh or resumed) that need no model: run directory, world size (None: not
+    known yet, as when a launcher cannot tell; the workers check it), data sizes."""
     check_run_dir(cfg.run_dir, resume)
-    check_world(cfg, world_size)
+    if world_size is not None:
+        check_world(cfg, world_size)
     counts, where = data_counts(cfg)
     check_sizes(cfg, counts, where)
     return counts

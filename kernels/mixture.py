@@ -6,7 +6,7 @@ Layout of this file (Liger-Kernel style):
 
 0. Triton kernels: in :mod:`kernels.mixture_triton`, imported on first use only (Triton
    fixes compile-vs-interpret at its own import, so ``import kernels`` must not import it).
-1. Launchers (host-side precomputation of per-component constants, grids, interpreter).
+1. Launchers (operand buffers and the kernels that fill them, grids, interpreter).
 2. ``torch.library`` custom ops ``bype_kernels::mixture_logpdf`` (+ ``_backward``) with a fake
    (meta) implementation and ``register_autograd``, so the op works inside ``torch.compile``.
 3. :func:`mixture_logpdf`, the public entry point (shape checks, impl resolution).
@@ -32,6 +32,10 @@ LOG_2PI = ref.LOG_2PI
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
 MAX_TRITON_K = 128  # columns of L / R (d isotropic, 2d diagonal): bounds registers and shared memory
+# The kernels index rows x columns in int32; the partial sums of a split pass hold at most ~2^20 rows
+# (8 waves of programs), the operands B_pad or M_pad rows: refuse sizes whose offsets would reach 2^31.
+MAX_OFFSET = 2**31 - 2**27
+MAX_PAD_ROWS = 1 << 20
 
 # ========================================================================================
 # 1. Launchers (triton imported lazily, see kernels/mixture_triton.py)
@@ -72,8 +76,9 @@ CUDA_TILES = {
         "bwd_m": {16: (64, 64, 4), 32: (32, 64, 4), 64: (32, 64, 4), 128: (16, 32, 4)},
     },
 }
-# Widths of two column parts (see _k_parts) whose table entry above spills: 48 (d = 33-48 isotropic, 32 + 16)
-# and 80 (d = 33-40 diagonal, 64 + 16) hold both parts of the fixed operand in registers.
+# Widths of two column parts (see _k_parts) whose table entry above spills: 48 (32 + 16: isotropic d = 33-48,
+# diagonal d = 17-24) and 80 (64 + 16: diagonal d = 33-40, isotropic d = 65-80) hold both parts of the fixed
+# operand in registers; the kernels are the same for both layouts, so are their registers.
 WIDTH_TILES = {
     90: {"bwd_z": {48: (64, 32, 4)}},
     80: {"bwd_z": {48: (32, 32, 4), 80: (32, 16, 4)}},
@@ -496,4 +501,8 @@ def _triton_unsupported(z: Tensor, means: Tensor, log_weights: Tensor, log_var: 
         return f"supports d <= {limit} with {mode} log_var, got z shape {tuple(z.shape)}"
     if ref.compute_dtype(z, means, log_weights, log_var) == torch.float64:
         return "computes in float32, got float64 inputs (the torch path computes in float64)"
+    rows = max(z.shape[0], means.shape[0]) + MAX_PAD_ROWS
+    if rows * _k_of(mode, z.shape[1]) >= MAX_OFFSET:
+        return (f"indexes its operands with 32-bit offsets: {rows} padded rows x {_k_of(mode, z.shape[1])} "
+                f"columns reach 2^31 (z shape {tuple(z.shape)}, means shape {tuple(means.shape)})")
     return ""

@@ -51,7 +51,7 @@ def _dot3(a_hi, a_lo, b_hi, b_lo, acc, PRECISION: tl.constexpr):
 
 @triton.jit
 def _load_hilo(hi_ptr, lo_ptr, rows, col0, k_offs, KW: tl.constexpr):
-    """hi and lo parts of columns [col0, col0 + len(k_offs)) of rows of a host-padded operand whose rows
+    """hi and lo parts of columns [col0, col0 + len(k_offs)) of rows of a padded operand whose rows
     are KW floats long (no masks)."""
     offs = rows[:, None] * KW + col0 + k_offs[None, :]
     return tl.load(hi_ptr + offs), tl.load(lo_ptr + offs)

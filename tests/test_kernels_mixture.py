@@ -633,3 +633,17 @@ def test_bench_kernels_launches_cli(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert [(r["impl"], r["log_var"], r["B"]) for r in rows] == [("torch", "diag", 37), ("triton", "diag", 37)]
     assert rows[1]["triton_launches"] == 10 and rows[1]["launches"] < rows[0]["launches"]
+
+
+def test_sizes_beyond_32_bit_offsets_take_the_torch_path(monkeypatch):
+    """The kernels index operands with int32 offsets: a size whose padded rows x columns would reach 2^31
+    is refused by impl='triton' (one line) and sent to the torch path by 'auto'. Checked on meta tensors,
+    with the limit lowered so that a small call crosses it."""
+    monkeypatch.setattr(mix, "MAX_OFFSET", 64 * (mix.MAX_PAD_ROWS + 100))
+    z, means = torch.empty(100, 40, device="meta"), torch.empty(30, 40, device="meta")
+    args = (z, means, torch.empty(30, device="meta"), torch.empty((), device="meta"))
+    assert mix._triton_unsupported(*args) == ""  # 48 columns
+    z = torch.empty(100, 64, device="meta")
+    means = torch.empty(30, 64, device="meta")
+    why = mix._triton_unsupported(z, means, args[2], args[3])
+    assert "32-bit offsets" in why and "z shape (100, 64)" in why
