@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One prepared check of a machine with a GPU, within 8 minutes: the kernel tests with compiled
-# Triton, Triton on CUDA against float64, `bype bench kernels --device cuda` (B=1024, M=50,000,
-# d=40 and the training shapes), a ByPE training with the Triton prior against the torch prior,
-# and one DDP process over NCCL. Writes OUT/gpu-check.json and OUT/gpu-check.md.
+# One prepared check of a machine with a GPU, within a budget (default 7 minutes), in this order:
+# Triton on CUDA against float64 (it also compiles every kernel variant), `bype bench kernels
+# --device cuda` at B=1024, M=50,000, d=40 and at the training shapes, the Triton kernels under the
+# previous split rule (BYPE_KERNEL_SPLIT=programs), a ByPE training with the Triton prior against the
+# torch prior, one DDP process over NCCL, the kernel test files with compiled Triton. Writes
+# OUT/gpu-check.json and OUT/gpu-check.md after every step.
 #
 #   launch/gpu-check.sh [--dry-run] [--out DIR] [--budget-s SECONDS] [--only STEP,..] [--skip STEP,..]
 #
