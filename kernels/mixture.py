@@ -175,6 +175,16 @@ class _Operands:
     lse2: Optional[Tensor] = None  # backward: [B_pad] log2-sum-exp (+inf: zero density or padding)
     g: Optional[Tensor] = None     # backward: [B_pad] upstream gradient (0 there)
 
+    @property
+    def lv_stride(self) -> int:
+        """Row stride of a diagonal log-variance (0 for the isotropic modes, read per row or once)."""
+        return self.log_var.stride(0) if self.mode == "diag" else 0
+
+    @property
+    def block_d(self) -> int:
+        """Columns of a [rows, d] tile in the row-pass kernels."""
+        return tiling.pow2_at_least(self.d, 1)
+
 
 PREP_ROWS = 16  # rows per program of the preparation / combination kernels (every tile is a multiple)
 LV_MODES = {"shared": 0, "component": 1, "diag": 2}
@@ -231,18 +241,17 @@ def _operands(z, means, log_weights, log_var, target: tiling.Target, out: Option
                     *(torch.empty(M_pad, K, **f32) for _ in range(2)),
                     torch.empty(B_pad, **f32), *(torch.empty(M_pad, **f32) for _ in range(4)),
                     *((torch.empty(B_pad, **f32), torch.empty(B_pad, **f32)) if backward else (None, None)))
+    # the forward passes zz for the backward-only pointers, which BACKWARD=False never touches
+    rows_backward = (out, grad.detach().contiguous(), ops.lse2, ops.g) if backward else (ops.zz,) * 4
     rows = tiling.Launch("_mixture_prep_rows_kernel", (B_pad // PREP_ROWS,),
-                         (ops.z, centre, ops.l_hi, ops.l_lo, ops.zz, out if backward else ops.zz,
-                          grad.detach().contiguous() if backward else ops.zz, ops.lse2 if backward else ops.zz,
-                          ops.g if backward else ops.zz, B, d, ops.z.stride(0)),
+                         (ops.z, centre, ops.l_hi, ops.l_lo, ops.zz, *rows_backward, B, d, ops.z.stride(0)),
                          _rows_meta(target, DIAG=mode == "diag", BACKWARD=backward, KW=K,
                                     BLOCK_K=tiling.pow2_at_least(K)))
-    lv_stride = ops.log_var.stride(0) if mode == "diag" else 0
     components = tiling.Launch("_mixture_prep_components_kernel", (M_pad // PREP_ROWS,),
                                (ops.means, centre, ops.log_weights, ops.log_var, ops.r_hi, ops.r_lo, ops.c2, ops.p2,
-                                ops.q, ops.w, M, d, ops.means.stride(0), lv_stride),
+                                ops.q, ops.w, M, d, ops.means.stride(0), ops.lv_stride),
                                _rows_meta(target, LV_MODE=LV_MODES[mode], KW=K, BLOCK_K=tiling.pow2_at_least(K),
-                                          BLOCK_D=tiling.pow2_at_least(d, 1)))
+                                          BLOCK_D=ops.block_d))
     return ops, [rows, components]
 
 
@@ -285,8 +294,7 @@ def backward_z_launches(ops: _Operands, target: tiling.Target) -> tuple[list[til
     gz = ops.zz.new_empty(ops.B, ops.d)
     finish = tiling.Launch("_mixture_finish_z_kernel", (ops.B_pad // PREP_ROWS,),
                            (py, pr, ops.z, ops.centre, gz, ops.B, ops.B_pad, ops.d, ops.z.stride(0), py.shape[0]),
-                           _rows_meta(target, DIAG=ops.mode == "diag", KW=ops.K,
-                                      BLOCK_D=tiling.pow2_at_least(ops.d, 1)))
+                           _rows_meta(target, DIAG=ops.mode == "diag", KW=ops.K, BLOCK_D=ops.block_d))
     return [bwd, finish], gz
 
 
@@ -296,12 +304,10 @@ def backward_m_launches(ops: _Operands, target: tiling.Target) -> tuple[list[til
     bwd, (px, pcs, pgd) = _launch("bwd_m", ops, target, (ops.lse2, ops.g), [(ops.K,), (), ()])
     gm, gw = ops.zz.new_empty(ops.M, ops.d), ops.zz.new_empty(ops.M)
     glv = ops.zz.new_empty(ops.M, ops.d) if ops.mode == "diag" else ops.zz.new_empty(ops.M)
-    lv_stride = ops.log_var.stride(0) if ops.mode == "diag" else 0
     finish = tiling.Launch("_mixture_finish_m_kernel", (ops.M_pad // PREP_ROWS,),
                            (px, pcs, pgd, ops.means, ops.centre, ops.log_var, gm, gw, glv, ops.M, ops.M_pad, ops.d,
-                            ops.means.stride(0), lv_stride, px.shape[0]),
-                           _rows_meta(target, LV_MODE=LV_MODES[ops.mode], KW=ops.K,
-                                      BLOCK_D=tiling.pow2_at_least(ops.d, 1)))
+                            ops.means.stride(0), ops.lv_stride, px.shape[0]),
+                           _rows_meta(target, LV_MODE=LV_MODES[ops.mode], KW=ops.K, BLOCK_D=ops.block_d))
     return [bwd, finish], (gm, gw, glv)
 
 

@@ -33,10 +33,25 @@ def _tf32_hi(x):
 
 
 @triton.jit
-def _store_hilo(hi_ptr, lo_ptr, offs, x, mask):
+def _store_hilo(hi_ptr, lo_ptr, rows, cols, x, KW: tl.constexpr):
+    """x's tf32 high part and fp32 remainder into the first KW columns of rows of [*, KW] operands."""
+    offs = rows[:, None] * KW + cols[None, :]
+    mask = (cols < KW)[None, :] & (rows >= 0)[:, None]  # BLOCK_K >= KW columns were computed
     hi = _tf32_hi(x)
     tl.store(hi_ptr + offs, hi, mask=mask)
     tl.store(lo_ptr + offs, x - hi, mask=mask)
+
+
+@triton.jit
+def _centred_k_layout(x_ptr, c_ptr, rows, n, cols, d, stride, TWICE: tl.constexpr):
+    """(mask, coord, x - c) of [rows, cols] in the column layout of L / R: column j holds coordinate j
+    and, with TWICE (the diagonal layout's 2d columns), column d + j holds coordinate j again; zero
+    outside the mask (rows >= n, unused columns)."""
+    coord = tl.where(cols < d, cols, cols - d) if TWICE else cols
+    used = cols < (2 * d if TWICE else d)
+    mask = (rows < n)[:, None] & used[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride + coord[None, :], mask=mask, other=0.0).to(tl.float32)
+    return mask, coord, tl.where(mask, x - tl.load(c_ptr + coord, mask=used, other=0.0)[None, :], 0.0)
 
 
 @triton.jit
@@ -57,19 +72,12 @@ def _mixture_prep_rows_kernel(z_ptr, c_ptr, lh_ptr, ll_ptr, zz_ptr, out_ptr, gra
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_K)
     live = rows < B
-    # column j of L reads coordinate j (isotropic), or j and j - d of [z^2, z] (diagonal)
-    coord = tl.where(cols < d, cols, cols - d) if DIAG else cols
-    used = cols < (2 * d if DIAG else d)
-    mask = live[:, None] & used[None, :]
-    zc = tl.load(z_ptr + rows[:, None] * stride_z + coord[None, :], mask=mask, other=0.0).to(tl.float32)
-    zc = tl.where(mask, zc - tl.load(c_ptr + coord, mask=used, other=0.0)[None, :], 0.0)
-    offs = rows[:, None] * KW + cols[None, :]
-    row_mask = (cols < KW)[None, :] & (rows >= 0)[:, None]  # the row's KW columns (BLOCK_K >= KW)
+    _, _, zc = _centred_k_layout(z_ptr, c_ptr, rows, B, cols, d, stride_z, DIAG)  # L = z or [z^2, z]
     if DIAG:
-        _store_hilo(lh_ptr, ll_ptr, offs, tl.where(cols[None, :] < d, zc * zc, zc), row_mask)
+        _store_hilo(lh_ptr, ll_ptr, rows, cols, tl.where(cols[None, :] < d, zc * zc, zc), KW)
         tl.store(zz_ptr + rows, tl.zeros((BLOCK_R,), tl.float32))
     else:
-        _store_hilo(lh_ptr, ll_ptr, offs, zc, row_mask)
+        _store_hilo(lh_ptr, ll_ptr, rows, cols, zc, KW)
         tl.store(zz_ptr + rows, tl.sum(zc * zc, axis=1))
     if BACKWARD:
         lse = tl.load(out_ptr + rows, mask=live, other=float("-inf"))
@@ -92,17 +100,13 @@ def _mixture_prep_components_kernel(means_ptr, c_ptr, lw_ptr, lv_ptr, rh_ptr, rl
     mc = tl.where(dmask, mc, 0.0)
     lw = tl.load(lw_ptr + rows, mask=live, other=0.0).to(tl.float32)
     cols = tl.arange(0, BLOCK_K)
-    offs = rows[:, None] * KW + cols[None, :]
     if LV_MODE == 2:
         lv = tl.load(lv_ptr + rows[:, None] * stride_lv + dcols[None, :], mask=dmask, other=0.0).to(tl.float32)
         prec = tl.where(dmask, tl.exp(-lv), 0.0)
         c = lw - 0.5 * (LOG_2PI * d + tl.sum(lv, axis=1))
         q = tl.sum(prec * mc * mc, axis=1)
-        # R = [P, -2 P m]: column j reads coordinate j or j - d, loaded again in the K-column layout
-        coord = tl.where(cols < d, cols, cols - d)
-        kmask = live[:, None] & (cols < 2 * d)[None, :]
-        mk = tl.load(means_ptr + rows[:, None] * stride_m + coord[None, :], mask=kmask, other=0.0).to(tl.float32)
-        mk = mk - tl.load(c_ptr + coord, mask=cols < 2 * d, other=0.0)[None, :]
+        # R = [P, -2 P m]: the means and log-variances loaded again in the K-column layout
+        kmask, coord, mk = _centred_k_layout(means_ptr, c_ptr, rows, M, cols, d, stride_m, True)
         pk = tl.exp(-tl.load(lv_ptr + rows[:, None] * stride_lv + coord[None, :], mask=kmask, other=0.0).to(tl.float32))
         r = tl.where(kmask, tl.where(cols[None, :] < d, pk, -2.0 * pk * mk), 0.0)
         p2 = tl.full((BLOCK_R,), 0.5 * LOG2E, tl.float32)
@@ -112,12 +116,11 @@ def _mixture_prep_components_kernel(means_ptr, c_ptr, lw_ptr, lv_ptr, rh_ptr, rl
         p = tl.exp(-lv)
         c = lw - 0.5 * d * (LOG_2PI + lv)
         q = tl.sum(mc * mc, axis=1)
-        kmask = live[:, None] & (cols < d)[None, :]
-        mk = tl.load(means_ptr + rows[:, None] * stride_m + cols[None, :], mask=kmask, other=0.0).to(tl.float32)
-        r = tl.where(kmask, -2.0 * (mk - tl.load(c_ptr + cols, mask=cols < d, other=0.0)[None, :]), 0.0)
+        _, _, mk = _centred_k_layout(means_ptr, c_ptr, rows, M, cols, d, stride_m, False)
+        r = -2.0 * mk  # R = -2 m, zero outside the used columns
         p2 = 0.5 * LOG2E * p
         w = p
-    _store_hilo(rh_ptr, rl_ptr, offs, r, (cols < KW)[None, :] & (rows >= 0)[:, None])
+    _store_hilo(rh_ptr, rl_ptr, rows, cols, r, KW)
     tl.store(c2_ptr + rows, tl.where(live, LOG2E * c, float("-inf")))
     tl.store(p2_ptr + rows, tl.where(live, p2, 0.0))
     tl.store(q_ptr + rows, tl.where(live, q, 0.0))
