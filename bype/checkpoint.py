@@ -20,6 +20,15 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def check_zero_world(engine_state: dict, world_size: int, where: str) -> None:
+    """A ZeRO-1/2 engine state (DeepSpeedEngine.state_dict) holds the optimiser partitioned over the ranks that
+    wrote it: it resumes only on as many (`bype train --check` and the engine itself ask)."""
+    saved, stage = engine_state.get("world_size"), engine_state.get("zero_stage")
+    if stage in (1, 2) and saved is not None and saved != world_size:
+        raise CheckpointError(f"{where}: the ZeRO-{stage} optimiser state was partitioned over {saved} ranks; "
+                              f"resume with {saved} processes, not {world_size}")
+
+
 def save(state: dict, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

@@ -52,14 +52,14 @@ def _cmd_train(args) -> int:
 def _check_train(cfg, resume: bool, world_size: Optional[int]) -> int:
     """What a start checks before any worker starts (launch/*.sh call this once), reported in one line."""
     from bype import checkpoint
-    from bype.preflight import check_resume_world, check_start
+    from bype.preflight import check_start
 
     counts = check_start(cfg, resume, world_size)
     if resume:
         path = os.path.join(cfg.run_dir, "last.pt")
         state = checkpoint.load(path)  # truncated or foreign checkpoints stop here
         if world_size is not None:
-            check_resume_world(state, world_size, path)
+            checkpoint.check_zero_world(state.get("engine") or {}, world_size, path)
     sizes = ", ".join(f"{k} {v}" for k, v in counts.items())
     print(f"bype: check passed: {'resume' if resume else 'start'} {cfg.run_dir} ({cfg.prior.kind} prior, "
           f"{cfg.model.arch}, {cfg.data.dataset}: {sizes}; "

@@ -102,15 +102,6 @@ def check_world(cfg: Config, world_size: int) -> None:
                           f"world size {world_size}; use a multiple of {world_size}, e.g. {fit}")
 
 
-def check_resume_world(state: dict, world_size: int, path: str) -> None:
-    """A ZeRO-1/2 checkpoint holds the optimiser partitioned over the ranks that wrote it."""
-    engine = state.get("engine") or {}
-    saved, stage = engine.get("world_size"), engine.get("zero_stage")
-    if stage in (1, 2) and saved is not None and saved != world_size:
-        raise ConfigError(f"{path}: the ZeRO-{stage} optimiser state was partitioned over {saved} ranks; "
-                          f"resume with {saved} processes, not {world_size}")
-
-
 def check_start(cfg: Config, resume: bool, world_size: Optional[int] = 1) -> dict[str, int]:
     """The checks of a start (fresh or resumed) that need no model: run directory, world size (None: not
     known yet, as when a launcher cannot tell; the workers check it), data sizes."""

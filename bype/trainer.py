@@ -75,7 +75,8 @@ class Trainer:
         self.ctx = ctx or init_distributed(cfg)
         setup_logging(self.ctx.rank)
         self.run_dir = cfg.run_dir
-        check_start(cfg, resume, self.ctx.world_size)  # run directory and data sizes, one line each; nothing is written before begin()
+        # run directory, world size and data sizes, one line each; nothing is written before begin()
+        check_start(cfg, resume, self.ctx.world_size)
         self.rundir = RunDirectory(self.run_dir, self.ctx.is_main)
         seed_everything(cfg.seed)  # the same seed on every rank: identical initialisation everywhere
         eval_memory.configure(cfg.eval.memory_mb)
@@ -161,7 +162,8 @@ class Trainer:
         self.engine.load_state_dict(state["engine"])
         replaced = set_learning_rate(self.engine.optimizer, self.cfg.train.lr) - {self.cfg.train.lr}
         if replaced:
-            log.info("train.lr=%g replaces the checkpoint's %s", self.cfg.train.lr, ", ".join(f"{x:g}" for x in sorted(replaced)))
+            log.info("train.lr=%g replaces the checkpoint's %s", self.cfg.train.lr,
+                     ", ".join(f"{x:g}" for x in sorted(replaced)))
         if self.coreset is not None and state.get("coreset") is not None:
             self.coreset.load_state_dict(state["coreset"])
         checkpoint.set_rng_state(state["rng"])

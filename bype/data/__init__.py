@@ -72,8 +72,6 @@ def load_data(cfg, rank: int = 0, world_size: int = 1) -> DataBundle:
         if bad:
             raise ValueError(f"{bad[0]}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; "
                              f"set data.stream.verify=false to train on, skipping what cannot be read")
-    if cfg.train.batch_size % world_size:
-        raise ValueError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the world size {world_size}")
     loader = stream.ShardStream(
         d.shards, split="train", batch_size=cfg.train.batch_size // world_size, seed=cfg.seed, rank=rank,
         world_size=world_size, num_workers=d.num_workers, mode=d.stream.mode,

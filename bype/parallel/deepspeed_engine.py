@@ -27,7 +27,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from bype.checkpoint import CheckpointError
+from bype.checkpoint import CheckpointError, check_zero_world
 from bype.config import ConfigError, deep_update, read_yaml_mapping
 from bype.optim import build_optimizer
 from bype.parallel import attach_row_shard
@@ -212,9 +212,7 @@ class DeepSpeedEngine:
     def load_state_dict(self, state: dict) -> None:
         if "deepspeed_tag" not in state:
             raise CheckpointError("the checkpoint was written by dist.engine=ddp/none; resume it with that engine")
-        if self.stage in (1, 2) and state["world_size"] != self.world_size:
-            raise CheckpointError(f"the ZeRO-{self.stage} optimiser state was partitioned over {state['world_size']} "
-                                  f"ranks; resume with {state['world_size']} processes, not {self.world_size}")
+        check_zero_world(state, self.world_size, os.path.join(self.root, state["deepspeed_tag"]))
         path, _ = self.engine.load_checkpoint(self.root, tag=state["deepspeed_tag"], load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:

@@ -47,9 +47,6 @@ def init_distributed(cfg) -> DistContext:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(cfg.device, local_rank)
-    if world > 1 and cfg.dist.engine == "none":
-        raise RuntimeError(f"launched with WORLD_SIZE={world} but dist.engine is none; set dist.engine=ddp "
-                           "or dist.engine=deepspeed")
     if world > 1 and not dist.is_initialized():
         backend = cfg.dist.backend
         if backend == "auto":
