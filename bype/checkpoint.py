@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from typing import Any
 
 import numpy as np
 import torch
+
+from bype.atomic import write_atomic
 
 FORMAT_VERSION = 1
 
@@ -33,19 +34,7 @@ def save(state: dict, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     state = dict(state, format_version=FORMAT_VERSION)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(path):
-            os.replace(path, previous_path(path))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: torch.save(state, f), binary=True, suffix=".pt", keep_previous=previous_path(path))
 
 
 def previous_path(path: str) -> str:
