@@ -49,9 +49,8 @@ class LocalEngine:
         mode, why = plan_compile(cfg, ctx.device)
         if mode is not None:  # DDP goes around the compiled model (bype/compiled_loss.py)
             self.loss = CompiledLoss(model, mode, fullgraph=cfg.prior.kind != "exemplar", wrap=wrap)
-            self.wrapped = self.loss.wrapped
         else:
-            self.wrapped = self.loss = wrap(model) if wrap is not None else model
+            self.loss = wrap(model) if wrap is not None else model
         log.info("engine: %s, %s, torch.compile %s", "DDP" if ddp else "one process",
                  "bf16 autocast" if self.autocast["enabled"] else "fp32", f"on ({why})" if mode else f"off ({why})")
 
