@@ -110,19 +110,18 @@ def host_cost(impl: str, B: int = 100, M: int = 500, d: int = 40, mode: str = "s
     if impl not in ("torch", "triton"):
         raise ValueError(f"host_cost: impl must be 'torch' or 'triton', got {impl!r}")
     inputs = _inputs(B, M, d, mode)
-    # The Triton path on CPU tensors would go to the interpreter; pretend a GPU launch instead (recorded).
-    call_impl = "triton" if impl == "triton" else "torch"
+    # The Triton path on CPU tensors would go to the interpreter; its launches are recorded instead.
     with triton_launches_recorded() as launched:
-        _call(call_impl, inputs)  # warm-up: first-call imports and caches
+        _call(impl, inputs)  # warm-up: first-call imports and caches
         launched.clear()
         grad = torch.ones(B)  # the upstream gradient, made before counting
         with LaunchCounter() as counter:
-            _passes(call_impl, inputs, grad)
+            _passes(impl, inputs, grad)
         n_triton = len(launched)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            _call(call_impl, inputs)
+            _call(impl, inputs)
             times.append(time.perf_counter() - t0)
     return {"impl": impl, "B": B, "M": M, "d": d, "log_var": mode, "aten_launches": counter.count,
             "triton_launches": n_triton, "launches": counter.count + n_triton,
