@@ -36,10 +36,6 @@ def configure(memory_mb: float) -> None:
     _budget_bytes = int(memory_mb * 2**20)
 
 
-def budget_bytes() -> int:
-    return _budget_bytes
-
-
 class TensorPeak(TorchDispatchMode):
     """Peak bytes of the tensor storages created inside the mode and still alive (CPU or any device).
 

@@ -76,9 +76,3 @@ class MemoryLoader:
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for x, y, rows in self.raw_epoch(epoch):
             yield x.float() / 255.0, y, rows
-
-
-def iterate_eval(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Fixed-order batches (x float [B, C, H, W], y) for evaluation."""
-    for start in range(0, len(split), batch_size):
-        yield split.x[start:start + batch_size].float() / 255.0, split.y[start:start + batch_size]
