@@ -66,14 +66,15 @@ class VAEBase(nn.Module):
         return self.loss(x, idx, beta)
 
     # --- data ---------------------------------------------------------------------------------
-    def preprocess(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """[B, C, H, W] grey levels -> flattened model input; Bernoulli data is binarised here."""
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] grey levels -> flattened model input; Bernoulli data is binarised here, with the
+        model's noise source when it has one (training rows, evaluation indices)."""
         x = x.reshape(x.shape[0], -1)
         if self.likelihood.name == "bernoulli":
-            if self.noise is not None and generator is None:
+            if self.noise is not None:
                 u = self.noise.rand_like(x)
             else:
-                u = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+                u = torch.rand(x.shape, dtype=x.dtype).to(x.device)
             x = (u < x).to(x.dtype)
         return x
 
