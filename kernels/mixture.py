@@ -8,7 +8,8 @@ Layout of this file (Liger-Kernel style):
    fixes compile-vs-interpret at its own import, so ``import kernels`` must not import it).
 1. Launchers (operand buffers and the kernels that fill them, grids, interpreter).
 2. ``torch.library`` custom ops ``bype_kernels::mixture_logpdf`` (+ ``_backward``) with a fake
-   (meta) implementation and ``register_autograd``, so the op works inside ``torch.compile``.
+   (meta) implementation and ``register_autograd``, so the op works inside ``torch.compile``; eager
+   calls run the same bodies through a ``torch.autograd.Function`` (less host time per call).
 3. :func:`mixture_logpdf`, the public entry point (shape checks, impl resolution).
 
 The torch path (``impl="torch"``) lives in :mod:`kernels.mixture_reference` and runs the
@@ -17,6 +18,7 @@ same maths with torch matmuls on tiles of components.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -186,6 +188,32 @@ class _Operands:
         return tiling.pow2_at_least(self.d, 1)
 
 
+# Plans of the Triton path. 'fused': one kernel per pass (kernels/mixture_fused_triton.py), for problems small
+# enough that each loop of it is at most FUSED_LOOP_TILES tiles (B <= 256, M <= 512: the training shape
+# (100, 500) is 7 row tiles and 16 component tiles), where a call is launch bound. 'split': operands prepared
+# once, tiled passes split over the device, splits combined (everything larger).
+FUSED_TILES = (16, 32)  # (BLOCK_B, BLOCK_M)
+FUSED_LOOP_TILES = 16
+# (num_warps, num_stages) of the fused kernels: the settings with 0 spill bytes in both kernels for d in
+# {16, 40, 64}, isotropic and diagonal, sm_80 and sm_90, Triton 3.6 and 3.9 (compile report); 4 warps spill
+# 16-32 B in the backward at d = 40, 8 warps with 2 stages 8 B in one forward, with 3 stages 8 B in one backward.
+FUSED_LAUNCH = {"fwd": (8, 3), "bwd": (8, 2)}
+PLAN_ENV = "BYPE_MIXTURE_PLAN"  # auto (default) | fused | split
+PLANS = ("fused", "split")
+
+
+def triton_plan(B: int, M: int) -> str:
+    """The Triton path's plan for a [B rows, M components] problem: 'fused' or 'split' (see above);
+    ``BYPE_MIXTURE_PLAN=fused|split`` overrides the choice (A/B timings, tests)."""
+    env = os.environ.get(PLAN_ENV, "auto").strip().lower() or "auto"
+    if env in PLANS:
+        return env
+    if env != "auto":
+        raise ValueError(f"{PLAN_ENV}={env!r}: expected 'auto', 'fused' or 'split'")
+    bb, bm = FUSED_TILES
+    return "fused" if max(tiling.cdiv(B, bb), tiling.cdiv(M, bm)) <= FUSED_LOOP_TILES else "split"
+
+
 PREP_ROWS = 16  # rows per program of the preparation / combination kernels (every tile is a multiple)
 LV_MODES = {"shared": 0, "component": 1, "diag": 2}
 
@@ -311,14 +339,63 @@ def backward_m_launches(ops: _Operands, target: tiling.Target) -> tuple[list[til
     return [bwd, finish], (gm, gw, glv)
 
 
-def all_launches(B: int, M: int, d: int, mode: str, target: tiling.Target) -> list[tiling.Launch]:
-    """Every kernel call of one forward + backward at these sizes, built on the meta device
-    (no memory, no GPU): what ``bype bench kernels --compile-report`` compiles."""
+def _fused_meta(kernel: str, mode: str, d: int, target: tiling.Target) -> dict:
+    bb, bm = FUSED_TILES
+    warps, stages = FUSED_LAUNCH[kernel]
+    return dict(LV_MODE=LV_MODES[mode], BLOCK_B=bb, BLOCK_M=bm, BLOCK_D=tiling.pow2_at_least(d),
+                PRECISION=_precision(target), num_warps=warps if target.cuda else 1, num_stages=stages)
+
+
+def _inputs_contiguous(*ts: Tensor) -> tuple[Tensor, ...]:
+    # the kernels read rows with unit column stride: a no-op, no launch, for the usual inputs
+    return tuple(t.detach().contiguous() for t in ts)
+
+
+def fused_forward_launch(z: Tensor, means: Tensor, log_weights: Tensor, log_var: Tensor, out: Tensor, lse: Tensor,
+                         target: tiling.Target) -> tiling.Launch:
+    """The fused forward: log-density into ``out`` (any float dtype) and ``lse`` (fp32), both [B]."""
+    (B, d), M, mode = z.shape, means.shape[0], ref.log_var_mode(log_var)
+    lv_stride = log_var.stride(0) if mode == "diag" else 0
+    return tiling.Launch("_mixture_fused_fwd_kernel", (tiling.cdiv(B, FUSED_TILES[0]),),
+                         (z, means, log_weights, log_var, out, lse, B, M, d, z.stride(0), means.stride(0), lv_stride),
+                         _fused_meta("fwd", mode, d, target))
+
+
+def fused_backward_launch(grad: Tensor, z: Tensor, means: Tensor, log_weights: Tensor, log_var: Tensor, lse: Tensor,
+                          grads: tuple, need_z: bool, need_components: bool, target: tiling.Target) -> tiling.Launch:
+    """The fused backward into ``grads`` = (gz [B, d], gm [M, d], gw [M], glv [M] or [M, d]): programs over
+    z-row tiles (when ``need_z``), then over component tiles (when ``need_components``)."""
+    (B, d), M, mode = z.shape, means.shape[0], ref.log_var_mode(log_var)
+    lv_stride = log_var.stride(0) if mode == "diag" else 0
+    bb, bm = FUSED_TILES
+    z_programs = tiling.cdiv(B, bb) if need_z else 0
+    m_programs = tiling.cdiv(M, bm) if need_components else 0
+    return tiling.Launch("_mixture_fused_bwd_kernel", (z_programs + m_programs,),
+                         (grad, z, means, log_weights, log_var, lse, *grads, B, M, d, grad.stride(0), z.stride(0),
+                          means.stride(0), lv_stride, z_programs), _fused_meta("bwd", mode, d, target))
+
+
+def _fused_grads(z: Tensor, means: Tensor, log_weights: Tensor, log_var: Tensor) -> tuple:
+    """Gradient buffers of the fused backward in the inputs' dtypes (a shared log-variance's per-component
+    terms in fp32, summed by the host)."""
+    glv = log_var.new_empty(log_var.shape) if log_var.dim() else log_var.new_empty(means.shape[0], dtype=torch.float32)
+    return z.new_empty(z.shape), means.new_empty(means.shape), log_weights.new_empty(log_weights.shape), glv
+
+
+def all_launches(B: int, M: int, d: int, mode: str, target: tiling.Target, plan: Optional[str] = None
+                 ) -> list[tiling.Launch]:
+    """Every kernel call of one forward + backward at these sizes under ``plan`` (default: the one
+    :func:`triton_plan` picks), built on the meta device (no memory, no GPU): what ``bype bench kernels
+    --compile-report`` compiles."""
     meta_dev = torch.device("meta")
     z = torch.empty(B, d, device=meta_dev)
     means = torch.empty(M, d, device=meta_dev)
     lv = torch.empty({"shared": (), "component": (M,), "diag": (M, d)}[mode], device=meta_dev)
     lw = torch.empty(M, device=meta_dev)
+    if (plan or triton_plan(B, M)) == "fused":
+        lse = torch.empty(B, device=meta_dev)
+        return [fused_forward_launch(z, means, lw, lv, lse, lse, target),
+                fused_backward_launch(lse, z, means, lw, lv, lse, _fused_grads(z, means, lw, lv), True, True, target)]
     ops, prep = _operands(z, means, lw, lv, target)
     fwd, lse = forward_launches(ops, target)
     bops, bprep = _operands(z, means, lw, lv, target, out=lse, grad=torch.empty(B, device=meta_dev))
@@ -334,23 +411,33 @@ def _run_all(launches: list[tiling.Launch], device: torch.device) -> None:
         _run(launch, device)
 
 
-def triton_forward(z: Tensor, means: Tensor, log_weights: Tensor, log_var: Tensor) -> Tensor:
-    """Forward on the Triton path; returns fp32 [B]. Four launches: two preparation kernels, the
-    forward, the combination of its splits."""
-    if z.shape[0] == 0:
-        return torch.empty(0, dtype=torch.float32, device=z.device)
+def triton_forward(z: Tensor, means: Tensor, log_weights: Tensor, log_var: Tensor,
+                   out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """Forward on the Triton path: (the log-density [B] in ``out_dtype``, default fp32; the fp32 log-density
+    the backward reads). Fused plan: one launch. Split plan: two preparation kernels, the forward, the
+    combination of its splits (and a copy into ``out_dtype``)."""
+    B = z.shape[0]
+    out_dtype = out_dtype or torch.float32
+    if B == 0:
+        return (torch.empty(0, dtype=out_dtype, device=z.device), torch.empty(0, dtype=torch.float32, device=z.device))
     target = tiling.target_for(z.device)
+    if triton_plan(B, means.shape[0]) == "fused":
+        z, means, log_weights, log_var = _inputs_contiguous(z, means, log_weights, log_var)
+        lse = torch.empty(B, dtype=torch.float32, device=z.device)
+        out = torch.empty(B, dtype=out_dtype, device=z.device)
+        _run(fused_forward_launch(z, means, log_weights, log_var, out, lse, target), z.device)
+        return out, lse
     ops, prep = _operands(z, means, log_weights, log_var, target)
     fwd, lse = forward_launches(ops, target)
     _run_all([*prep, *fwd], z.device)
-    return lse
+    return lse.to(out_dtype, copy=True), lse
 
 
 def triton_backward(grad: Tensor, z: Tensor, means: Tensor, log_weights: Tensor, log_var: Tensor,
                     out: Tensor, need_z: bool = True, need_components: bool = True):
     """Gradients of (z, means, log_weights, log_var) from the upstream ``grad`` and the forward's fp32
-    log-density ``out``. Launches: two preparation kernels, then per side needed its backward kernel
-    and the kernel that finishes its gradients from the splits.
+    log-density ``out``. Fused plan: one launch (programs of the sides needed). Split plan: two preparation
+    kernels, then per side needed its backward kernel and the kernel that finishes its gradients from the splits.
 
         dz_b  = sum_m G_bm w_m (R-side terms)   dm_m = p_m (sum_b G z_b - cs_m m_m)   dlog_w = cs = sum_b G
         dlv_m = -d/2 cs_m + p_m/2 sum_b G |z_b - m_m|^2      (diag: per coordinate)
@@ -358,7 +445,15 @@ def triton_backward(grad: Tensor, z: Tensor, means: Tensor, log_weights: Tensor,
     B, d = z.shape
     M = means.shape[0]
     gz = gm = gw = glv = None
-    if B > 0 and (need_z or need_components):
+    if B > 0 and (need_z or need_components) and triton_plan(B, M) == "fused":
+        z, means, log_weights, log_var = _inputs_contiguous(z, means, log_weights, log_var)
+        grads = _fused_grads(z, means, log_weights, log_var)
+        _run(fused_backward_launch(grad, z, means, log_weights, log_var, out.detach().float(), grads, need_z,
+                                   need_components, tiling.target_for(z.device)), z.device)
+        gz, gm, gw, glv = (g if need else None for g, need in zip(grads, (need_z, *(need_components,) * 3)))
+        if glv is not None and log_var.dim() == 0:
+            glv = glv.sum()
+    elif B > 0 and (need_z or need_components):
         target = tiling.target_for(z.device)
         ops, launches = _operands(z, means, log_weights, log_var, target, out=out.detach().float(), grad=grad)
         if need_z:
@@ -388,16 +483,30 @@ def _out_dtype(*ts: Tensor) -> torch.dtype:
     return dt
 
 
+def _forward(z: Tensor, means: Tensor, log_weights: Tensor, log_var: Tensor, impl: str, chunk: int
+             ) -> tuple[Tensor, Tensor]:
+    """(out in the promoted input dtype, lse in fp32/fp64). The backward reads lse: a bf16-rounded output
+    would shift every responsibility exp(s - out) by up to |out| 2^-9."""
+    if impl == "triton":
+        return triton_forward(z, means, log_weights, log_var, _out_dtype(z, means, log_weights, log_var))
+    lse = ref.chunked_forward(z, means, log_weights, log_var, chunk)
+    return lse.to(_out_dtype(z, means, log_weights, log_var), copy=True), lse
+
+
+def _gradients(grad: Tensor, z: Tensor, means: Tensor, log_weights: Tensor, log_var: Tensor, out: Tensor,
+               impl: str, chunk: int, need_z: bool, need_components: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Contiguous gradients of (z, means, log_weights, log_var); the Triton path skips the
+    kernel of a side (z / components) whose gradient is not needed and returns zeros there."""
+    if impl == "triton":
+        return triton_backward(grad, z, means, log_weights, log_var, out, need_z, need_components)
+    return tuple(t.contiguous() for t in ref.chunked_backward(grad, z, means, log_weights, log_var, out, chunk))
+
+
 @torch.library.custom_op("bype_kernels::mixture_logpdf", mutates_args=())
 def _mixture_logpdf_op(z: Tensor, means: Tensor, log_weights: Tensor, log_var: Tensor,
                        impl: str, chunk: int) -> tuple[Tensor, Tensor]:
-    """Returns (out in the promoted input dtype, lse in fp32/fp64). The backward reads lse:
-    a bf16-rounded output would shift every responsibility exp(s - out) by up to |out| 2^-9."""
-    if impl == "triton":
-        lse = triton_forward(z, means, log_weights, log_var)
-    else:
-        lse = ref.chunked_forward(z, means, log_weights, log_var, chunk)
-    return lse.to(_out_dtype(z, means, log_weights, log_var), copy=True), lse
+    """:func:`_forward` as an op torch.compile can trace: returns (out, lse)."""
+    return _forward(z, means, log_weights, log_var, impl, chunk)
 
 
 @_mixture_logpdf_op.register_fake
@@ -412,11 +521,8 @@ def _mixture_logpdf_backward_op(grad: Tensor, z: Tensor, means: Tensor, log_weig
                                 log_var: Tensor, out: Tensor, impl: str, chunk: int,
                                 need_z: bool, need_components: bool
                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Contiguous gradients of (z, means, log_weights, log_var); the Triton path skips the
-    kernel of a side (z / components) whose gradient is not needed and returns zeros there."""
-    if impl == "triton":
-        return triton_backward(grad, z, means, log_weights, log_var, out, need_z, need_components)
-    return tuple(t.contiguous() for t in ref.chunked_backward(grad, z, means, log_weights, log_var, out, chunk))
+    """:func:`_gradients` as an op torch.compile can trace."""
+    return _gradients(grad, z, means, log_weights, log_var, out, impl, chunk, need_z, need_components)
 
 
 @_mixture_logpdf_backward_op.register_fake
@@ -444,6 +550,31 @@ def _backward(ctx, grad, _grad_lse):
 
 
 _mixture_logpdf_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerMixtureLogpdf(torch.autograd.Function):
+    """The custom ops' forward and backward for eager calls. torch.library's dispatch and its autograd wrapper
+    cost ~45 us of host time per forward + backward, more than the fused kernels' own host code, on a call
+    that is launch bound at the training shape; under torch.compile the custom ops are traced instead."""
+
+    @staticmethod
+    def forward(ctx, z, means, log_weights, log_var, impl, chunk):
+        out, lse = _forward(z, means, log_weights, log_var, impl, chunk)
+        ctx.save_for_backward(z, means, log_weights, log_var, lse)
+        ctx.impl, ctx.chunk = impl, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, means, log_weights, log_var, lse = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        # First-order gradients only. Under create_graph=True go through the backward op, whose outputs refuse
+        # a second derivative by name (no autograd formula registered) instead of passing as constants.
+        grads_of = _mixture_logpdf_backward_op if torch.is_grad_enabled() else _gradients
+        gz, gm, gw, glv = grads_of(grad, z, means, log_weights, log_var, lse, ctx.impl, ctx.chunk,
+                                   bool(need[0]), any(need[1:4]))
+        return (gz if need[0] else None, gm if need[1] else None, gw if need[2] else None,
+                glv if need[3] else None, None, None)
 
 
 # ========================================================================================
@@ -496,7 +627,9 @@ def mixture_logpdf(z: Tensor, means: Tensor, log_weights: Tensor, log_var: Union
             impl = "torch"  # auto falls back quietly to the torch path, which handles both
         elif why:
             raise ValueError(f"mixture_logpdf: impl='triton' {why}; use impl='torch'")
-    return _mixture_logpdf_op(z, means, log_weights, log_var, impl, int(chunk))[0]
+    if torch.compiler.is_compiling():
+        return _mixture_logpdf_op(z, means, log_weights, log_var, impl, int(chunk))[0]
+    return _EagerMixtureLogpdf.apply(z, means, log_weights, log_var, impl, int(chunk))
 
 
 def _triton_unsupported(z: Tensor, means: Tensor, log_weights: Tensor, log_var: Tensor) -> str:

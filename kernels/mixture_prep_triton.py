@@ -21,15 +21,11 @@ used K are written as padding, so the main kernels need no masks.
 import triton
 import triton.language as tl
 
+from .tf32_triton import _tf32_hi
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 LOG_2PI = tl.constexpr(1.8378770664093453)
-
-
-@triton.jit
-def _tf32_hi(x):
-    """The tf32-exact high part of x (round to nearest, 10-bit mantissa): tiling.tf32_split's bits."""
-    return ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 
 @triton.jit

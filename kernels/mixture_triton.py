@@ -26,27 +26,15 @@ pass sums in a fixed order (deterministic, no atomics).
 import triton
 import triton.language as tl
 
-# The launchers find every kernel of a pass by name on this module: the preparation and combination
-# kernels live beside it (kernels/mixture_prep_triton.py).
+# The launchers find every kernel by name on this module: the preparation and combination kernels live
+# beside it (kernels/mixture_prep_triton.py), and so do the one-launch kernels of small problems
+# (kernels/mixture_fused_triton.py).
 from .mixture_prep_triton import (  # noqa: F401
     _mixture_combine_fwd_kernel, _mixture_finish_m_kernel, _mixture_finish_z_kernel,
     _mixture_prep_components_kernel, _mixture_prep_rows_kernel,
 )
-
-
-@triton.jit
-def _split_tf32(x):
-    """x = hi + lo with hi exactly representable in tf32 (round to nearest, 10-bit mantissa)."""
-    hi = ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    return hi, x - hi
-
-
-@triton.jit
-def _dot3(a_hi, a_lo, b_hi, b_lo, acc, PRECISION: tl.constexpr):
-    """acc + a @ b as three chained tf32 products (3xTF32), small terms first."""
-    acc = tl.dot(a_lo, b_hi, acc, input_precision=PRECISION)
-    acc = tl.dot(a_hi, b_lo, acc, input_precision=PRECISION)
-    return tl.dot(a_hi, b_hi, acc, input_precision=PRECISION)
+from .mixture_fused_triton import _mixture_fused_bwd_kernel, _mixture_fused_fwd_kernel  # noqa: F401
+from .tf32_triton import _dot3, _split_tf32
 
 
 @triton.jit

@@ -7,6 +7,7 @@ exactly the same calls offline for another GPU (no device needed).
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -42,8 +43,14 @@ CPU = Target("cpu")
 def target_for(device: torch.device) -> Target:
     if device.type != "cuda":
         return CPU
-    major, minor = torch.cuda.get_device_capability(device)
-    return Target("cuda", 10 * major + minor, torch.cuda.get_device_properties(device).multi_processor_count)
+    return _cuda_device_target(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_target(index: int) -> Target:
+    # once per device: every kernel call asks, and the property queries cost host time on a launch-bound call
+    props = torch.cuda.get_device_properties(index)
+    return Target("cuda", 10 * props.major + props.minor, props.multi_processor_count)
 
 
 def cuda_target(arch: int) -> Target:
@@ -72,10 +79,7 @@ class Launch:
 
     @property
     def programs(self) -> int:
-        n = 1
-        for g in self.grid:
-            n *= g
-        return n
+        return math.prod(self.grid)
 
 
 def cdiv(a: int, b: int) -> int:

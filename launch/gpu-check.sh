@@ -2,7 +2,8 @@
 # One prepared check of a machine with a GPU, within a budget (default 7 minutes), in this order:
 # Triton on CUDA against float64 (it also compiles every kernel variant), `bype bench kernels
 # --device cuda` at B=1024, M=50,000, d=40 and at the training shapes, the Triton kernels under the
-# previous split rule (BYPE_KERNEL_SPLIT=programs), a ByPE training with the Triton prior against the
+# previous split rule (BYPE_KERNEL_SPLIT=programs) and, at the training shape, under the split plan instead
+# of the one-launch fused plan (BYPE_MIXTURE_PLAN=split), a ByPE training with the Triton prior against the
 # torch prior, one DDP process over NCCL, the kernel test files with compiled Triton. Writes
 # OUT/gpu-check.json and OUT/gpu-check.md after every step.
 #

@@ -85,3 +85,19 @@ def test_split_rule_knob(monkeypatch):
     monkeypatch.setenv(tiling.SPLIT_ENV, "wave")
     with pytest.raises(ValueError, match="BYPE_KERNEL_SPLIT='wave': expected 'waves' or 'programs'"):
         tiling.split(782, 16, target, 2)
+
+
+def test_each_benchmark_step_reads_its_own_output(tmp_path):
+    """Every `bype bench kernels` step is parsed from its own folder (the split-rule step once read the
+    training step's rows and compared B=100 times with B=1024 ones); the plan A/B pairs equal shapes."""
+    steps = {s.name: s for s in gpu_check.plan(tmp_path, None)}
+    for i, (name, folder) in enumerate(gpu_check.BENCH_DIRS.items()):
+        assert str(tmp_path / folder) in steps[name].argv
+        (tmp_path / folder).mkdir()
+        rows = [dict(impl="triton", passes="fwdbwd", B=100, M=500, d=40, time_s=(i + 1) * 1e-4)]
+        (tmp_path / folder / "kernels.json").write_text(json.dumps(dict(meta={}, rows=rows)))
+    parsed = {name: gpu_check.parse(name, "", tmp_path) for name in gpu_check.BENCH_DIRS}
+    assert [p["rows"][0]["time_s"] for p in parsed.values()] == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4])
+    assert steps["bench_kernels_training_split"].env["BYPE_MIXTURE_PLAN"] == "split"
+    lines = gpu_check.plan_lines(parsed)
+    assert "- triton fwdbwd B=100 M=500 d=40: fused 0.200 ms, split 0.400 ms (2.00x)" in lines

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -19,6 +20,7 @@ import torch
 import kernels
 from bype.device_sync import synchronize as _sync
 from kernels import coreset_reference as cref
+from kernels import mixture as mix
 from kernels import mixture_reference as mref
 
 MIXTURE_SHAPES = [(37, 53, 7), (100, 500, 40), (1024, 5000, 40), (257, 1031, 64), (100, 25000, 16)]
@@ -41,7 +43,23 @@ def mixture_inputs(B, M, d, mode, device, seed, offset=0.0):
     return [t.to(device) for t in (z, means, log_weights, log_var)]
 
 
-def check_mixture(B, M, d, mode, device, seed, offset=0.0) -> dict:
+def check_mixture(B, M, d, mode, device, seed, offset=0.0, plan=None) -> dict:
+    """Forward and gradients against float64; ``plan`` forces the Triton path's plan ('fused' / 'split')."""
+    if plan is None:
+        return _check_mixture(B, M, d, mode, device, seed, offset)
+    before = os.environ.get(mix.PLAN_ENV)
+    os.environ[mix.PLAN_ENV] = plan
+    try:
+        r = _check_mixture(B, M, d, mode, device, seed, offset)
+    finally:
+        if before is None:
+            del os.environ[mix.PLAN_ENV]
+        else:
+            os.environ[mix.PLAN_ENV] = before
+    return dict(r, mode=f"{r['mode']}/{plan}")
+
+
+def _check_mixture(B, M, d, mode, device, seed, offset=0.0) -> dict:
     x64 = mixture_inputs(B, M, d, mode, device, seed, offset)
     upstream = torch.randn(B, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(device)
     leaves64 = [t.clone().requires_grad_() for t in x64]
@@ -113,6 +131,9 @@ def main(argv=None) -> int:
     records, failures = [], []
     cases = [(check_mixture, (B, M, d, mode, device, i)) for i, (B, M, d) in enumerate(MIXTURE_SHAPES)
              for mode in ("shared", "component", "diag")]
+    # the shapes auto runs with the one-launch fused plan, once more with the split plan (its small tiles)
+    cases += [(check_mixture, (B, M, d, mode, device, i, 0.0, "split")) for i, (B, M, d) in enumerate(MIXTURE_SHAPES)
+              for mode in ("shared", "component", "diag") if mix.triton_plan(B, M) == "fused"]
     cases.append((check_mixture, (256, 1000, 40, "shared", device, 99, 30.0)))  # far from the origin
     cases += [(check_coreset, (M, S, D, lik, device, i)) for i, (M, S, D, lik) in enumerate(CORESET_SHAPES)]
     if device.type == "cpu":  # the interpreter is slow: the smallest shape of each op

@@ -97,7 +97,7 @@ def _passes(impl: str, inputs, grad: torch.Tensor) -> None:
 
     z, means, log_w, log_var = (t.detach() for t in inputs)
     if impl == "triton":
-        lse = mixture.triton_forward(z, means, log_w, log_var)
+        _, lse = mixture.triton_forward(z, means, log_w, log_var)
         mixture.triton_backward(grad, z, means, log_w, log_var, lse)
     else:
         lse = ref.chunked_forward(z, means, log_w, log_var, 0)

@@ -25,6 +25,10 @@ from pathlib import Path
 
 FMNIST_CANDIDATES = ("/usr/share/datasets/fashion-mnist", ".gpudata/fashion-mnist")
 MODULES = ("torch", "triton", "numpy", "yaml", "pytest", "webdataset", "matplotlib")
+# Output folder of each `bype bench kernels` step.
+BENCH_DIRS = {"bench_kernels_large": "bench_large", "bench_kernels_training": "bench_training",
+              "bench_kernels_split_programs": "bench_split_programs",
+              "bench_kernels_training_split": "bench_training_split"}
 # The training comparison: the embedded default job, shortened, on the GPU.
 TRAIN_OVERRIDES = ["device=cuda", "eval.at_end=false", "train.max_minutes=0.5", "train.epochs=200",
                    "coreset.every=2", "train.warmup_epochs=5"]
@@ -53,6 +57,12 @@ def plan(out: Path, fmnist: str | None) -> list[Step]:
     data = [f"data.root={fmnist}"] if fmnist else []
     compiled = {"TRITON_INTERPRET": "0"}  # real GPU kernels, never the interpreter
     runs = str(out / "runs")
+
+    def bench(name: str, what: str, B: str, M: str, impls: str, repeats: int, limit_s: int, env=None) -> Step:
+        """A `bype bench kernels --device cuda` step (d = 40, forward and forward + backward) into its folder."""
+        return Step(name, what, bype + ["bench", "kernels", "--device", "cuda", "--B", B, "--M", M, "--d", "40",
+                                        "--impls", impls, "--passes", "fwd,fwdbwd", "--repeats", str(repeats),
+                                        "--out", str(out / BENCH_DIRS[name])], limit_s, {**compiled, **(env or {})})
     # In order of what the kernels' goals need: correctness on CUDA (it also compiles every kernel variant
     # into Triton's cache for the later steps), the two benchmark shapes, the split-rule A/B; then the
     # training comparisons and the test files, which a short budget may cut.
@@ -62,20 +72,16 @@ def plan(out: Path, fmnist: str | None) -> list[Step]:
         Step("kernel_accuracy", "Triton on CUDA against a float64 reference, forward and all gradients; "
              "registers and spills of the compiled kernels",
              [py, "-m", "bype.bench._gpu_accuracy", "--json", str(out / "kernel_accuracy.json")], 120, compiled),
-        Step("bench_kernels_large", "bype bench kernels --device cuda at B=1024, M=50,000, d=40",
-             bype + ["bench", "kernels", "--device", "cuda", "--B", "1024", "--M", "50000", "--d", "40",
-                     "--impls", "naive,chunked,compiled,triton", "--passes", "fwd,fwdbwd", "--repeats", "10",
-                     "--out", str(out / "bench_large")], 90, compiled),
-        Step("bench_kernels_training",
-             "bype bench kernels --device cuda at the training shapes B=100, M=500 and 25,000",
-             bype + ["bench", "kernels", "--device", "cuda", "--B", "100", "--M", "500,25000", "--d", "40",
-                     "--impls", "naive,chunked,compiled,triton", "--passes", "fwd,fwdbwd", "--repeats", "20",
-                     "--out", str(out / "bench_training")], 75, compiled),
-        Step("bench_kernels_split_programs", "Triton at B=1024, M=50,000, d=40 with the program-count split "
-             "rule (BYPE_KERNEL_SPLIT=programs), against the whole-wave rule of bench_kernels_large",
-             bype + ["bench", "kernels", "--device", "cuda", "--B", "1024", "--M", "50000", "--d", "40",
-                     "--impls", "triton", "--passes", "fwd,fwdbwd", "--repeats", "10",
-                     "--out", str(out / "bench_split_programs")], 45, {**compiled, "BYPE_KERNEL_SPLIT": "programs"}),
+        bench("bench_kernels_large", "bype bench kernels --device cuda at B=1024, M=50,000, d=40",
+              "1024", "50000", "naive,chunked,compiled,triton", 10, 90),
+        bench("bench_kernels_training", "bype bench kernels --device cuda at the training shapes B=100, M=500 and "
+              "25,000", "100", "500,25000", "naive,chunked,compiled,triton", 20, 75),
+        bench("bench_kernels_split_programs", "Triton at B=1024, M=50,000, d=40 with the program-count split rule "
+              "(BYPE_KERNEL_SPLIT=programs), against the whole-wave rule of bench_kernels_large",
+              "1024", "50000", "triton", 10, 45, {"BYPE_KERNEL_SPLIT": "programs"}),
+        bench("bench_kernels_training_split", "Triton at the training shape B=100, M=500, d=40 with the split plan "
+              "(BYPE_MIXTURE_PLAN=split), against the one-launch fused plan of bench_kernels_training",
+              "100", "500", "triton", 20, 45, {"BYPE_MIXTURE_PLAN": "split"}),
         Step("train_triton", "ByPE-VAE on Fashion-MNIST on the GPU, mixture prior through Triton (30 s)",
              bype + ["train", f"out_dir={runs}", "name=triton"] + data + TRAIN_OVERRIDES, 75,
              {**compiled, "BYPE_KERNEL_IMPL": "triton"}),
@@ -151,7 +157,7 @@ def parse(name: str, text: str, out: Path) -> dict:
         p = out / "kernel_accuracy.json"
         return {"records": json.loads(p.read_text())} if p.exists() else {}
     if name.startswith("bench_kernels"):
-        p = out / ("bench_large" if name.endswith("large") else "bench_training") / "kernels.json"
+        p = out / BENCH_DIRS[name] / "kernels.json"
         return {"rows": json.loads(p.read_text())["rows"], "bench_md": str(p.with_suffix(".md"))} if p.exists() else {}
     if name.startswith("train") or name == "ddp_nccl":
         run = out / "runs" / {"train_triton": "triton", "train_torch": "torch", "ddp_nccl": "ddp"}[name]
@@ -209,13 +215,13 @@ def summary_markdown(results: dict, meta: dict) -> str:
             for k in acc["compiled"]:
                 lines.append(f"| {k['kernel']} | {k.get('n_regs')} | {k.get('n_spills')} | {k.get('shared')} | "
                              f"{k.get('num_warps')} | {k.get('num_stages')} |")
-    for name in ("bench_kernels_large", "bench_kernels_split_programs", "bench_kernels_training"):
+    for name in BENCH_DIRS:
         rows = results.get(name, {}).get("rows")
         if rows:
             table = out_dir_table(results[name])
             lines += ["", f"## {name}", "", table.strip()] if table else []
             lines += [f"- {k}" for k in triton_ratios(rows)]
-    lines += split_rule_lines(results)
+    lines += split_rule_lines(results) + plan_lines(results)
     cmp_ = meta.get("training_comparison")
     if cmp_:
         lines += ["", "## ByPE training on the GPU: Triton vs torch prior", "",
@@ -233,15 +239,30 @@ def out_dir_table(result: dict) -> str:
     return p.read_text() if p.is_file() else ""
 
 
+def _triton_times(results: dict, name: str) -> dict:
+    rows = results.get(name, {}).get("rows") or []
+    return {(r["passes"], r["B"], r["M"], r["d"]): r["time_s"] for r in rows
+            if r.get("impl") == "triton" and "time_s" in r}
+
+
+def ab_lines(results: dict, base: str, other: str, title: str, labels: tuple[str, str]) -> list[str]:
+    """Triton's time in step ``base`` against step ``other`` (the same shapes under another setting)."""
+    a, b = _triton_times(results, base), _triton_times(results, other)
+    out = [f"- triton {p} B={B} M={M} d={d}: {labels[0]} {a[k] * 1e3:.3f} ms, {labels[1]} {b[k] * 1e3:.3f} ms "
+           f"({b[k] / a[k]:.2f}x)" for k in sorted(a) if k in b for p, B, M, d in [k]]
+    return ["", f"## {title}", "", *out] if out else []
+
+
 def split_rule_lines(results: dict) -> list[str]:
     """Triton under the whole-wave split rule (bench_kernels_large) against the program-count rule."""
-    def times(name):
-        rows = results.get(name, {}).get("rows") or []
-        return {r["passes"]: r["time_s"] for r in rows if r.get("impl") == "triton" and "time_s" in r}
-    waves, programs = times("bench_kernels_large"), times("bench_kernels_split_programs")
-    out = [f"- triton {p} B=1024 M=50000 d=40: whole waves {waves[p] * 1e3:.3f} ms, program count "
-           f"{programs[p] * 1e3:.3f} ms ({programs[p] / waves[p]:.2f}x)" for p in sorted(waves) if p in programs]
-    return ["", "## Split rule (BYPE_KERNEL_SPLIT)", "", *out] if out else []
+    return ab_lines(results, "bench_kernels_large", "bench_kernels_split_programs", "Split rule (BYPE_KERNEL_SPLIT)",
+                    ("whole waves", "program count"))
+
+
+def plan_lines(results: dict) -> list[str]:
+    """Triton at the training shape with the fused plan (bench_kernels_training) against the split plan."""
+    return ab_lines(results, "bench_kernels_training", "bench_kernels_training_split",
+                    "Plan at the training shape (BYPE_MIXTURE_PLAN)", ("fused", "split"))
 
 
 def triton_ratios(rows: list[dict]) -> list[str]:

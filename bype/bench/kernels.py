@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 import kernels
+from kernels import mixture as mix
 from bype.device_sync import synchronize as _sync
 
 FULL = dict(B=[128, 1024, 8192], M=[500, 5000, 50000], d=[16, 40, 64])
@@ -303,6 +304,8 @@ def run_sweep(args) -> tuple[list[dict], dict]:
                     bwd = pname == "fwdbwd"
                     for name, fn in impls.items():
                         row = dict(impl=name, passes=pname, B=B, M=M, d=d)
+                        if name == "triton":  # which plan of the Triton path ran (BYPE_MIXTURE_PLAN overrides)
+                            row["plan"] = mix.triton_plan(B, M)
                         est = estimated_bytes(name, B, M, d, args.log_var, bwd)
                         work = B * M * d
                         if est > mem_limit:
@@ -370,7 +373,8 @@ HEADER = "| impl | pass | B | M | d | median ms | min ms | peak mem | GFLOP/s | 
 
 
 def _fmt_row(r) -> str:
-    head = f"| {r['impl']} | {r['passes']} | {r['B']} | {r['M']} | {r['d']} |"
+    impl = f"{r['impl']} ({r['plan']})" if r.get("plan") else r["impl"]
+    head = f"| {impl} | {r['passes']} | {r['B']} | {r['M']} | {r['d']} |"
     if "skipped" in r:
         return head + f" skipped: {r['skipped']} | | | | | | |"
     if "error" in r:
@@ -474,7 +478,6 @@ def compile_report(arch: int, shapes=REPORT_SHAPES, ds=REPORT_D, modes=("shared"
     import importlib
     cg = importlib.import_module("kernels.coreset_grads")  # the package attribute is the function
     from kernels import coreset_triton, mixture_triton
-    from kernels import mixture as mix
     from kernels import tiling
     target = tiling.cuda_target(arch)
     compiler = _Compiler(arch)

@@ -147,10 +147,6 @@ class ExemplarPrior(Prior):
         self._eval_cache = None  # the encoder changes between evaluations
         return super().train(mode)
 
-    def set_bank(self, bank: torch.Tensor) -> None:
-        self.bank = _as_uint8(bank).to(self.log_var.device)
-        self._knn_cache = self._eval_cache = None
-
     def _rows(self, pick: torch.Tensor) -> torch.Tensor:
         return self.bank[pick].float() / 255.0
 

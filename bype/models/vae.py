@@ -92,9 +92,6 @@ class VAEBase(nn.Module):
         [B * n_samples] (samples of one example adjacent); the encoder runs once per example."""
         raise NotImplementedError
 
-    def prior_means(self, u: torch.Tensor) -> torch.Tensor:
-        return self.encode_flat(u)[0]
-
     # --- objectives ---------------------------------------------------------------------------
     def loss(self, x: torch.Tensor, idx: Optional[torch.Tensor] = None, beta: float = 1.0):
         """Mean negative beta-ELBO of a flattened batch, and per-term statistics."""
