@@ -17,6 +17,7 @@ same maths with torch matmuls on tiles of components.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -483,13 +484,23 @@ def _out_dtype(*ts: Tensor) -> torch.dtype:
     return dt
 
 
+def _autocast_off(device: torch.device):
+    """Autocast off inside the torch path: it would run its products in bf16, and the distances
+    |z|^2 + |m|^2 - 2 z.m cancel (about a nat per score at the training scale). The op computes in its
+    inputs' promoted dtype, as documented (the Triton kernels compute in fp32 whatever autocast says)."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _forward(z: Tensor, means: Tensor, log_weights: Tensor, log_var: Tensor, impl: str, chunk: int
              ) -> tuple[Tensor, Tensor]:
     """(out in the promoted input dtype, lse in fp32/fp64). The backward reads lse: a bf16-rounded output
     would shift every responsibility exp(s - out) by up to |out| 2^-9."""
     if impl == "triton":
         return triton_forward(z, means, log_weights, log_var, _out_dtype(z, means, log_weights, log_var))
-    lse = ref.chunked_forward(z, means, log_weights, log_var, chunk)
+    with _autocast_off(z.device):
+        lse = ref.chunked_forward(z, means, log_weights, log_var, chunk)
     return lse.to(_out_dtype(z, means, log_weights, log_var), copy=True), lse
 
 
@@ -499,7 +510,9 @@ def _gradients(grad: Tensor, z: Tensor, means: Tensor, log_weights: Tensor, log_
     kernel of a side (z / components) whose gradient is not needed and returns zeros there."""
     if impl == "triton":
         return triton_backward(grad, z, means, log_weights, log_var, out, need_z, need_components)
-    return tuple(t.contiguous() for t in ref.chunked_backward(grad, z, means, log_weights, log_var, out, chunk))
+    with _autocast_off(z.device):  # a backward run inside an autocast region (CPU: the same thread) too
+        grads = ref.chunked_backward(grad, z, means, log_weights, log_var, out, chunk)
+    return tuple(t.contiguous() for t in grads)
 
 
 @torch.library.custom_op("bype_kernels::mixture_logpdf", mutates_args=())
@@ -630,6 +643,7 @@ def mixture_logpdf(z: Tensor, means: Tensor, log_weights: Tensor, log_var: Union
     if torch.compiler.is_compiling():
         return _mixture_logpdf_op(z, means, log_weights, log_var, impl, int(chunk))[0]
     return _EagerMixtureLogpdf.apply(z, means, log_weights, log_var, impl, int(chunk))
+
 
 
 def _triton_unsupported(z: Tensor, means: Tensor, log_weights: Tensor, log_var: Tensor) -> str:
