@@ -3,7 +3,8 @@
 # Triton on CUDA against float64 (it also compiles every kernel variant), `bype bench kernels
 # --device cuda` at B=1024, M=50,000, d=40 and at the training shapes, the Triton kernels under the
 # previous split rule (BYPE_KERNEL_SPLIT=programs) and, at the training shape, under the split plan instead
-# of the one-launch fused plan (BYPE_MIXTURE_PLAN=split), a ByPE training with the Triton prior against the
+# of the one-launch fused plan (BYPE_MIXTURE_PLAN=split), the device time of each Triton kernel
+# (torch.profiler, `bype bench kernels --profile`), a ByPE training with the Triton prior against the
 # torch prior, one DDP process over NCCL, the kernel test files with compiled Triton. Writes
 # OUT/gpu-check.json and OUT/gpu-check.md after every step.
 #

@@ -617,6 +617,26 @@ def test_bench_kernels_smoke(tmp_path, capsys):
     assert (tmp_path / "kernels.png").stat().st_size > 0
 
 
+def test_bench_kernels_profile(tmp_path):
+    """`--profile` records where each row's time goes (CPU: aten operators by own time): the largest first,
+    shares of the call's total, the table after the timings in kernels.md."""
+    import json
+
+    from bype.cli import main
+
+    assert main(["bench", "kernels", "--device", "cpu", "--impls", "chunked", "--B", "16", "--M", "20", "--d", "3",
+                 "--passes", "fwdbwd", "--repeats", "2", "--warmup", "1", "--profile", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "kernels.json").read_text())["rows"]
+    prof = row["profile"]
+    us = [p["us"] for p in prof["top"]]
+    assert prof["total_us"] > 0 and us == sorted(us, reverse=True) and len(us) <= 12
+    assert 0 < sum(p["share"] for p in prof["top"]) <= 1 + 1e-9
+    assert any(p["name"].startswith("aten::") and p["launches"] >= 1 for p in prof["top"])
+    md = (tmp_path / "kernels.md").read_text()
+    assert md.index("| chunked | fwdbwd | 16 | 20 | 3 |") < md.index("## Where the time goes (`--profile`)")
+    assert "**chunked fwdbwd B=16 M=20 d=3**" in md
+
+
 def test_bench_kernels_compile_report(tmp_path):
     """`--compile-report sm_90` compiles the launchers' calls offline (no GPU) and reads the cubin:
     zero spills and the launch's program count in the JSON records."""

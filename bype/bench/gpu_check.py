@@ -28,7 +28,7 @@ MODULES = ("torch", "triton", "numpy", "yaml", "pytest", "webdataset", "matplotl
 # Output folder of each `bype bench kernels` step.
 BENCH_DIRS = {"bench_kernels_large": "bench_large", "bench_kernels_training": "bench_training",
               "bench_kernels_split_programs": "bench_split_programs",
-              "bench_kernels_training_split": "bench_training_split"}
+              "bench_kernels_training_split": "bench_training_split", "bench_kernels_profile": "bench_profile"}
 # The training comparison: the embedded default job, shortened, on the GPU.
 TRAIN_OVERRIDES = ["device=cuda", "eval.at_end=false", "train.max_minutes=0.5", "train.epochs=200",
                    "coreset.every=2", "train.warmup_epochs=5"]
@@ -58,10 +58,11 @@ def plan(out: Path, fmnist: str | None) -> list[Step]:
     compiled = {"TRITON_INTERPRET": "0"}  # real GPU kernels, never the interpreter
     runs = str(out / "runs")
 
-    def bench(name: str, what: str, B: str, M: str, impls: str, repeats: int, limit_s: int, env=None) -> Step:
-        """A `bype bench kernels --device cuda` step (d = 40, forward and forward + backward) into its folder."""
+    def bench(name: str, what: str, B: str, M: str, impls: str, repeats: int, limit_s: int, env=None,
+              passes: str = "fwd,fwdbwd", extra=()) -> Step:
+        """A `bype bench kernels --device cuda` step (d = 40) into its folder."""
         return Step(name, what, bype + ["bench", "kernels", "--device", "cuda", "--B", B, "--M", M, "--d", "40",
-                                        "--impls", impls, "--passes", "fwd,fwdbwd", "--repeats", str(repeats),
+                                        "--impls", impls, "--passes", passes, "--repeats", str(repeats), *extra,
                                         "--out", str(out / BENCH_DIRS[name])], limit_s, {**compiled, **(env or {})})
     # In order of what the kernels' goals need: correctness on CUDA (it also compiles every kernel variant
     # into Triton's cache for the later steps), the two benchmark shapes, the split-rule A/B; then the
@@ -82,6 +83,9 @@ def plan(out: Path, fmnist: str | None) -> list[Step]:
         bench("bench_kernels_training_split", "Triton at the training shape B=100, M=500, d=40 with the split plan "
               "(BYPE_MIXTURE_PLAN=split), against the one-launch fused plan of bench_kernels_training",
               "100", "500", "triton", 20, 45, {"BYPE_MIXTURE_PLAN": "split"}),
+        bench("bench_kernels_profile", "Triton forward + backward under torch.profiler at B=100, 1024 and M=500, "
+              "50,000: device time per kernel (prep, tiled passes, combination; fused)", "100,1024", "500,50000",
+              "triton", 5, 60, passes="fwdbwd", extra=["--profile"]),
         Step("train_triton", "ByPE-VAE on Fashion-MNIST on the GPU, mixture prior through Triton (30 s)",
              bype + ["train", f"out_dir={runs}", "name=triton"] + data + TRAIN_OVERRIDES, 75,
              {**compiled, "BYPE_KERNEL_IMPL": "triton"}),
@@ -274,7 +278,8 @@ def triton_ratios(rows: list[dict]) -> list[str]:
             continue
         ratios = [f"{other} {t[(other, pname, B, M, d)] / ts:.2f}x" for other in ("naive", "chunked", "compiled")
                   if (other, pname, B, M, d) in t]
-        out.append(f"triton {pname} B={B} M={M} d={d}: {ts * 1e3:.3f} ms; faster than " + ", ".join(ratios))
+        if ratios:  # steps that time Triton alone (A/B, profile) have no baseline here
+            out.append(f"triton {pname} B={B} M={M} d={d}: {ts * 1e3:.3f} ms; faster than " + ", ".join(ratios))
     return out
 
 

@@ -47,6 +47,8 @@ from pathlib import Path
 import torch
 
 import kernels
+from bype.bench._kernel_profile import markdown as profile_markdown
+from bype.bench._kernel_profile import profile_call
 from kernels import mixture as mix
 from bype.device_sync import synchronize as _sync
 
@@ -80,6 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "would (offline, no GPU) and print registers, spills, shared memory, programs")
     p.add_argument("--json", metavar="FILE", default=None,
                    help="with --compile-report or --launches: write the records here")
+    p.add_argument("--profile", action="store_true",
+                   help="also record each row's kernels (CUDA) or operators (CPU) with torch.profiler: time per "
+                        "kernel and share, written after the table in kernels.md and as 'profile' in kernels.json")
     p.add_argument("--launches", action="store_true",
                    help="instead of timing: kernels launched and host time of one forward + backward per "
                         "implementation (--B, --M, --d: one shape each; default the training shape 100 x 500 x 40)")
@@ -350,9 +355,16 @@ def _measure(fn, inputs, bwd, device, args, peak_flops, peak_exp) -> dict:
     t = statistics.median(times)
     flops = 2 * B * M * d * (3 if bwd else 1)
     exps = B * M * (2 if bwd else 1)
-    return dict(time_s=t, time_min_s=min(times), peak_bytes=mem, memory_method=how,
-                gflops=flops / t / 1e9, gexp_per_s=exps / t / 1e9,
-                frac_matmul=flops / t / peak_flops, frac_exp=exps / t / peak_exp)
+    row = dict(time_s=t, time_min_s=min(times), peak_bytes=mem, memory_method=how,
+               gflops=flops / t / 1e9, gexp_per_s=exps / t / 1e9,
+               frac_matmul=flops / t / peak_flops, frac_exp=exps / t / peak_exp)
+    if args.profile:  # after the timing, so that the profiler's own cost is not in it
+        try:
+            with torch.set_grad_enabled(bwd):
+                row["profile"] = profile_call(call, device)
+        except (RuntimeError, NotImplementedError) as e:  # a profiler that cannot start must not cost the row
+            row["profile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return row
 
 
 def _add_speedups(rows):
@@ -559,11 +571,12 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     table = "\n".join([HEADER, "|" + "---|" * 12] + [_fmt_row(r) for r in rows])
+    profiles = "\n" + profile_markdown(rows) if any(r.get("profile") for r in rows) else ""
     (out / "kernels.md").write_text(
         f"device {meta['device_name']} ({meta['device']}, {meta['threads']} threads), log_var {meta['log_var']}, "
         f"fp32 matmul {meta['matmul_flops'] / 1e9:.1f} GFLOP/s, exp {meta['exp_per_s'] / 1e9:.2f} G/s, "
         f"memory: {meta['memory_method']}, load average {meta['load_avg_start']} -> {meta['load_avg_end']}"
-        f"\n\n{table}\n")
+        f"\n\n{table}\n{profiles}")
     plotted = _plot(rows, out / "kernels.png")
     print(f"wrote {out / 'kernels.json'}, {out / 'kernels.md'}" + (f", {out / 'kernels.png'}" if plotted else ""))
     return 0
