@@ -82,10 +82,10 @@ def plan(out: Path, fmnist: str | None) -> list[Step]:
               "1024", "50000", "triton", 10, 45, {"BYPE_KERNEL_SPLIT": "programs"}),
         bench("bench_kernels_training_split", "Triton at the training shape B=100, M=500, d=40 with the split plan "
               "(BYPE_MIXTURE_PLAN=split), against the one-launch fused plan of bench_kernels_training",
-              "100", "500", "triton", 20, 45, {"BYPE_MIXTURE_PLAN": "split"}),
+              "100", "500", "triton", 20, 30, {"BYPE_MIXTURE_PLAN": "split"}),
         bench("bench_kernels_profile", "Triton forward + backward under torch.profiler at B=100, 1024 and M=500, "
               "50,000: device time per kernel (prep, tiled passes, combination; fused)", "100,1024", "500,50000",
-              "triton", 5, 60, passes="fwdbwd", extra=["--profile"]),
+              "triton", 5, 45, passes="fwdbwd", extra=["--profile"]),
         Step("train_triton", "ByPE-VAE on Fashion-MNIST on the GPU, mixture prior through Triton (30 s)",
              bype + ["train", f"out_dir={runs}", "name=triton"] + data + TRAIN_OVERRIDES, 75,
              {**compiled, "BYPE_KERNEL_IMPL": "triton"}),
