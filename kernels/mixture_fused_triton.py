@@ -134,7 +134,7 @@ def _row_tile_scores(l1_hi, l1_lo, l2_hi, l2_lo, zz, means_ptr, lw_ptr, lv_ptr, 
                                                      LV_MODE, BLOCK_D)
     r1_hi, r1_lo, r2_hi, r2_lo = _split_parts(r1, r2, DIAG)
     cross = _cross(l1_hi, l1_lo, l2_hi, l2_lo, r1_hi, r1_lo, r2_hi, r2_lo, DIAG, PRECISION)
-    s2 = c2[None, :] - p2[None, :] * _clamp0(cross + zz[:, None] + q[None, :])
+    s2 = c2[None, :] - p2[None, :] * _clamp0(cross + (zz[:, None] + q[None, :]))
     return r1_hi, r1_lo, r2_hi, r2_lo, w, s2
 
 
@@ -223,7 +223,7 @@ def _mixture_fused_bwd_kernel(grad_ptr, z_ptr, means_ptr, lw_ptr, lv_ptr, lse_pt
             l1_hi, l1_lo, l2_hi, l2_lo = _split_parts(l1, l2, DIAG)
             # transposed scores [BLOCK_M, BLOCK_B]: G^T feeds the next products without a transpose
             cross = _cross(r1_hi, r1_lo, r2_hi, r2_lo, l1_hi, l1_lo, l2_hi, l2_lo, DIAG, PRECISION)
-            d2 = _clamp0(cross + q[:, None] + zz[None, :])
+            d2 = _clamp0(cross + (q[:, None] + zz[None, :]))
             lse2, g = _row_weights(lse_ptr, grad_ptr, b_offs, B, stride_g)
             gt = g[None, :] * tl.exp2(c2[:, None] - p2[:, None] * d2 - lse2[None, :])
             acc_cs += tl.sum(gt, axis=1)
