@@ -102,3 +102,22 @@ def test_each_benchmark_step_reads_its_own_output(tmp_path):
     assert steps["bench_kernels_training_split"].env["BYPE_MIXTURE_PLAN"] == "split"
     lines = gpu_check.plan_lines(parsed)
     assert "- triton fwdbwd B=100 M=500 d=40: fused 0.200 ms, split 0.400 ms (2.00x)" in lines
+
+
+def test_accuracy_step_runs_on_the_interpreter(tmp_path):
+    """The GPU check's accuracy step, run through the interpreter on its smallest shapes (`--device cpu`):
+    both plans, a bf16 case judged at bf16's own rounding, every record within its tolerance."""
+    from bype.bench import _gpu_accuracy
+    from kernels import mixture as mix
+    from tests.helpers import triton_skip_reason
+
+    reason = triton_skip_reason(mix._triton_module)
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "acc.json"
+    assert _gpu_accuracy.main(["--device", "cpu", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["accuracy"]
+    modes = {r["mode"] for r in records if r["op"] == "mixture_logpdf"}
+    assert {"shared", "shared/split", "diag+bf16/fused"} <= modes
+    bf16 = next(r for r in records if r["mode"] == "diag+bf16/fused")
+    assert bf16["tol"] == _gpu_accuracy.BF16_TOL and 0 < max(bf16["errors"].values()) <= bf16["tol"]

@@ -43,14 +43,19 @@ def mixture_inputs(B, M, d, mode, device, seed, offset=0.0):
     return [t.to(device) for t in (z, means, log_weights, log_var)]
 
 
-def check_mixture(B, M, d, mode, device, seed, offset=0.0, plan=None) -> dict:
-    """Forward and gradients against float64; ``plan`` forces the Triton path's plan ('fused' / 'split')."""
+FP32_TOL = 1e-3  # fp32 kernels against float64: 1e-3 of the largest entry flags a real fault, not rounding
+BF16_TOL = 2.0**-6  # bf16 results are rounded to 8 bits (2^-9 relative) on top of the fp32 computation
+
+
+def check_mixture(B, M, d, mode, device, seed, offset=0.0, plan=None, dtype=torch.float32) -> dict:
+    """Forward and gradients against float64; ``plan`` forces the Triton path's plan ('fused' / 'split');
+    ``dtype`` bfloat16 runs bf16 inputs (results stored in bf16) against float64 of the same rounded values."""
     if plan is None:
-        return _check_mixture(B, M, d, mode, device, seed, offset)
+        return _check_mixture(B, M, d, mode, device, seed, offset, dtype)
     before = os.environ.get(mix.PLAN_ENV)
     os.environ[mix.PLAN_ENV] = plan
     try:
-        r = _check_mixture(B, M, d, mode, device, seed, offset)
+        r = _check_mixture(B, M, d, mode, device, seed, offset, dtype)
     finally:
         if before is None:
             del os.environ[mix.PLAN_ENV]
@@ -59,24 +64,26 @@ def check_mixture(B, M, d, mode, device, seed, offset=0.0, plan=None) -> dict:
     return dict(r, mode=f"{r['mode']}/{plan}")
 
 
-def _check_mixture(B, M, d, mode, device, seed, offset=0.0) -> dict:
-    x64 = mixture_inputs(B, M, d, mode, device, seed, offset)
+def _check_mixture(B, M, d, mode, device, seed, offset=0.0, dtype=torch.float32) -> dict:
+    x64 = [t.to(dtype).double() for t in mixture_inputs(B, M, d, mode, device, seed, offset)]
     upstream = torch.randn(B, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(device)
+    upstream = upstream.to(dtype).double()
     leaves64 = [t.clone().requires_grad_() for t in x64]
     out64 = mref.mixture_logpdf_naive(*leaves64)
     grads64 = torch.autograd.grad(out64, leaves64, upstream)
-    leaves = [t.float().clone().requires_grad_() for t in x64]
+    leaves = [t.to(dtype).clone().requires_grad_() for t in x64]
     _sync(device)
     t0 = time.perf_counter()
     out = kernels.mixture_logpdf(*leaves, impl="triton")
-    grads = torch.autograd.grad(out, leaves, upstream.float())
+    grads = torch.autograd.grad(out, leaves, upstream.to(dtype))
     _sync(device)
     ms = (time.perf_counter() - t0) * 1e3
     errors = dict(out=scaled_error(out, out64))
     for name, g, g64 in zip(("z", "means", "log_weights", "log_var"), grads, grads64):
         errors[name] = scaled_error(g, g64)
-    return dict(op="mixture_logpdf", shape=[B, M, d], mode=mode + (f"+offset{offset:g}" if offset else ""),
-                errors=errors, ms=round(ms, 2))
+    suffix = (f"+offset{offset:g}" if offset else "") + ("+bf16" if dtype == torch.bfloat16 else "")
+    return dict(op="mixture_logpdf", shape=[B, M, d], mode=mode + suffix, errors=errors, ms=round(ms, 2),
+                tol=BF16_TOL if dtype == torch.bfloat16 else FP32_TOL)
 
 
 def check_coreset(M, S, D, likelihood, device, seed) -> dict:
@@ -135,9 +142,13 @@ def main(argv=None) -> int:
     cases += [(check_mixture, (B, M, d, mode, device, i, 0.0, "split")) for i, (B, M, d) in enumerate(MIXTURE_SHAPES)
               for mode in ("shared", "component", "diag") if mix.triton_plan(B, M) == "fused"]
     cases.append((check_mixture, (256, 1000, 40, "shared", device, 99, 30.0)))  # far from the origin
+    # bf16 inputs: the kernels' stores convert to bf16 (rounding on a GPU; the interpreter truncates)
+    cases += [(check_mixture, (100, 500, 40, mode, device, 7, 0.0, plan, torch.bfloat16))
+              for plan in mix.PLANS for mode in ("shared", "diag")]
     cases += [(check_coreset, (M, S, D, lik, device, i)) for i, (M, S, D, lik) in enumerate(CORESET_SHAPES)]
-    if device.type == "cpu":  # the interpreter is slow: the smallest shape of each op
-        cases = [c for c in cases if c[1][:3] in ((37, 53, 7), (13, 29, 37))]
+    if device.type == "cpu":  # the interpreter is slow: the smallest shape of each op, and one bf16 case
+        cases = [c for c in cases if c[1][:3] in ((37, 53, 7), (13, 29, 37))] + [
+            (check_mixture, (37, 53, 7, "diag", device, 7, 0.0, "fused", torch.bfloat16))]
     for fn, a in cases:
         try:
             r = fn(*a)
@@ -154,9 +165,9 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(accuracy=records, compiled=compiled), f, indent=1)
-    # fp32 kernels against float64: 1e-3 of the largest entry flags a real fault, not rounding
-    bad = [r for r in records if "error" in r or max(r["errors"].values()) > 1e-3]
-    print(f"gpu_accuracy: {len(records) - len(bad)}/{len(records)} within 1e-3 of float64")
+    bad = [r for r in records if "error" in r or max(r["errors"].values()) > r.get("tol", FP32_TOL)]
+    print(f"gpu_accuracy: {len(records) - len(bad)}/{len(records)} within tolerance of float64 "
+          f"({FP32_TOL:g} of the largest entry, {BF16_TOL:g} for bf16)")
     return 1 if bad else 0
 
 
