@@ -27,7 +27,9 @@ from torch import Tensor
 
 from . import coreset_reference as ref
 from . import tiling
-from .dispatch import resolve_impl
+from .dispatch import chosen_by_auto, resolve_impl, with_fallback
+
+OP = "coreset_grads"
 
 _CHUNK_ELEMS = 1 << 22  # torch path: elements of one [m, S, D] chunk
 _LOG2E = 1.4426950408889634
@@ -157,6 +159,11 @@ def _logistic_grad_triton(x: Tensor, mean: Tensor, log_scale: Tensor, r: Tensor)
     return out.sum(0)[:n, :D]
 
 
+def _either(impl: str, auto: bool, triton_call, torch_call):
+    """One pass on the chosen path; a Triton failure of an automatic choice falls back (kernels/dispatch.py)."""
+    return with_fallback(OP, auto, triton_call, torch_call) if impl == "triton" else torch_call()
+
+
 def pairwise_log_prob(x: Tensor, params: Tensor, likelihood: str, impl: str = "auto") -> Tensor:
     """``out[n, s] = sum_d log p(x_nd | params[s, :, d])`` without materialising n x S x D.
 
@@ -173,11 +180,15 @@ def pairwise_log_prob(x: Tensor, params: Tensor, likelihood: str, impl: str = "a
     if likelihood == "bernoulli":
         logits = params[:, 0, :]
         return x @ logits.T - F.softplus(logits).sum(1)[None, :]
-    impl = resolve_impl(x, impl)
-    if impl == "triton":
-        return _logistic_pairwise_triton(x, params[:, 0], params[:, 1])
+    auto = chosen_by_auto(impl)
     ct = torch.float64 if torch.float64 in (x.dtype, params.dtype) else torch.float32
-    return _logistic_pairwise_torch(x.to(ct), params[:, 0].to(ct), params[:, 1].to(ct))
+
+    def torch_path():
+        return _logistic_pairwise_torch(x.to(ct), params[:, 0].to(ct), params[:, 1].to(ct))
+
+    if resolve_impl(x, impl) == "triton":
+        return with_fallback(OP, auto, lambda: _logistic_pairwise_triton(x, params[:, 0], params[:, 1]), torch_path)
+    return torch_path()
 
 
 # ----------------------------------------------------------------------------------------
@@ -213,6 +224,7 @@ def coreset_grads(U: Tensor, w: Tensor, params: Tensor, data_term: Tensor, likel
         if t.device != U.device:
             raise ValueError(f"coreset_grads: {name} is on {t.device}, U on {U.device}")
     U, w, params, data_term = U.detach(), w.detach(), params.detach(), data_term.detach()
+    auto = chosen_by_auto(impl)
     impl = resolve_impl(U, impl)
     f64 = torch.float64
     w64 = w.to(f64)
@@ -231,18 +243,13 @@ def coreset_grads(U: Tensor, w: Tensor, params: Tensor, data_term: Tensor, likel
         return grad_U.to(U.dtype), grad_w.to(w.dtype), R_c
 
     mean, log_scale = params[:, 0, :], params[:, 1, :]
-    if impl == "triton":
-        A = _logistic_pairwise_triton(U, mean, log_scale)
-    else:
-        ct = torch.float64 if torch.float64 in (U.dtype, params.dtype) else torch.float32
-        A = _logistic_pairwise_torch(U.to(ct), mean.to(ct), log_scale.to(ct))
-    A = A.to(f64)  # [M, S]
+    ct = torch.float64 if torch.float64 in (U.dtype, params.dtype) else torch.float32
+    A = _either(impl, auto, lambda: _logistic_pairwise_triton(U, mean, log_scale),
+                lambda: _logistic_pairwise_torch(U.to(ct), mean.to(ct), log_scale.to(ct))).to(f64)  # [M, S]
     R = data_term.to(f64) - w64 @ A
     R_c = R - R.mean()
     grad_w = -scale * (A @ R_c)
-    if impl == "triton":
-        GR = _logistic_grad_triton(U, mean, log_scale, R_c)
-    else:
-        GR = _logistic_grad_torch(U.to(ct), mean.to(ct), log_scale.to(ct), R_c.to(ct))
+    GR = _either(impl, auto, lambda: _logistic_grad_triton(U, mean, log_scale, R_c),
+                 lambda: _logistic_grad_torch(U.to(ct), mean.to(ct), log_scale.to(ct), R_c.to(ct)))
     grad_U = -scale * w64[:, None] * GR.to(f64)
     return grad_U.to(U.dtype), grad_w.to(w.dtype), R_c

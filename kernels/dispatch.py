@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -55,3 +56,54 @@ def resolve_impl(tensor: torch.Tensor, impl: str = "auto") -> str:
         if tensor.device.type not in ("cpu", "cuda"):
             raise RuntimeError(f"impl='triton' supports CUDA (or CPU via the interpreter), got device {tensor.device}")
     return impl
+
+
+# --- fallback of an automatic choice ------------------------------------------------------------------
+# Triton kernels compile on first use, on the machine that runs them: a Triton release other than the
+# tested ones (3.6, 3.9) can refuse one (a changed language feature, a resource limit). Where "auto"
+# picked Triton, such an error switches that op to its torch path for the rest of the process, with one
+# warning that names the error; an explicit impl="triton" or BYPE_KERNEL_IMPL=triton raises it instead.
+_TRITON_FAILED: dict[str, str] = {}  # op name -> the error that turned its Triton path off
+
+
+def chosen_by_auto(requested: str) -> bool:
+    """Whether ``requested`` leaves the choice to ``auto`` (no explicit impl, no BYPE_KERNEL_IMPL)."""
+    return requested == "auto" and os.environ.get(ENV_VAR, "").strip().lower() in ("", "auto")
+
+
+def triton_failed(op: str) -> bool:
+    """Whether an automatic Triton choice of ``op`` has already failed in this process."""
+    return op in _TRITON_FAILED
+
+
+def triton_errors() -> tuple[type, ...]:
+    """The exceptions of Triton's compiler and launcher (imported only once Triton runs anyway)."""
+    try:
+        from triton.errors import TritonError
+        return (TritonError,)
+    except ImportError:  # releases before triton.errors
+        from triton.compiler.errors import CompilationError
+        return (CompilationError,)
+
+
+def fall_back(op: str, error: Exception) -> None:
+    """Turn ``op``'s automatic Triton choice off for this process and say so once."""
+    if op not in _TRITON_FAILED:
+        first = (str(error).strip().splitlines() or [""])[-1][:200]
+        _TRITON_FAILED[op] = f"{type(error).__name__}: {first}"
+        warnings.warn(f"{op}: the Triton kernels failed on this machine ({_TRITON_FAILED[op]}); impl='auto' "
+                      f"uses the torch path from now on in this process. {ENV_VAR}=triton raises the error "
+                      "instead.", RuntimeWarning, stacklevel=3)
+
+
+def with_fallback(op: str, auto: bool, triton_call, torch_call):
+    """``triton_call()``; where ``auto`` chose Triton and Triton fails (now or before), ``torch_call()``."""
+    if auto and triton_failed(op):
+        return torch_call()
+    try:
+        return triton_call()
+    except Exception as error:
+        if not auto or not isinstance(error, triton_errors()):
+            raise
+        fall_back(op, error)
+        return torch_call()

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import mixture_reference as ref
 from . import tiling
-from .dispatch import resolve_impl
+from .dispatch import chosen_by_auto, resolve_impl, triton_failed, with_fallback
 
 
 LOG_2PI = ref.LOG_2PI
@@ -484,6 +484,13 @@ def _out_dtype(*ts: Tensor) -> torch.dtype:
     return dt
 
 
+OP = "mixture_logpdf"
+# impl values of the ops: "torch", "triton" (explicit: a Triton error is raised) and AUTO_TRITON (Triton chosen by
+# impl="auto": a Triton error switches the op to the torch path, kernels/dispatch.py `with_fallback`).
+AUTO_TRITON = "auto_triton"
+TRITON_IMPLS = ("triton", AUTO_TRITON)
+
+
 def _autocast_off(device: torch.device):
     """Autocast off inside the torch path: it would run its products in bf16, and the distances
     |z|^2 + |m|^2 - 2 z.m cancel (about a nat per score at the training scale). The op computes in its
@@ -497,22 +504,32 @@ def _forward(z: Tensor, means: Tensor, log_weights: Tensor, log_var: Tensor, imp
              ) -> tuple[Tensor, Tensor]:
     """(out in the promoted input dtype, lse in fp32/fp64). The backward reads lse: a bf16-rounded output
     would shift every responsibility exp(s - out) by up to |out| 2^-9."""
-    if impl == "triton":
-        return triton_forward(z, means, log_weights, log_var, _out_dtype(z, means, log_weights, log_var))
-    with _autocast_off(z.device):
-        lse = ref.chunked_forward(z, means, log_weights, log_var, chunk)
-    return lse.to(_out_dtype(z, means, log_weights, log_var), copy=True), lse
+    out_dtype = _out_dtype(z, means, log_weights, log_var)
+
+    def torch_path():
+        with _autocast_off(z.device):
+            lse = ref.chunked_forward(z, means, log_weights, log_var, chunk)
+        return lse.to(out_dtype, copy=True), lse
+
+    if impl in TRITON_IMPLS:
+        return with_fallback(OP, impl == AUTO_TRITON,
+                             lambda: triton_forward(z, means, log_weights, log_var, out_dtype), torch_path)
+    return torch_path()
 
 
 def _gradients(grad: Tensor, z: Tensor, means: Tensor, log_weights: Tensor, log_var: Tensor, out: Tensor,
                impl: str, chunk: int, need_z: bool, need_components: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Contiguous gradients of (z, means, log_weights, log_var); the Triton path skips the
     kernel of a side (z / components) whose gradient is not needed and returns zeros there."""
-    if impl == "triton":
-        return triton_backward(grad, z, means, log_weights, log_var, out, need_z, need_components)
-    with _autocast_off(z.device):  # a backward run inside an autocast region (CPU: the same thread) too
-        grads = ref.chunked_backward(grad, z, means, log_weights, log_var, out, chunk)
-    return tuple(t.contiguous() for t in grads)
+    def torch_path():
+        with _autocast_off(z.device):  # a backward run inside an autocast region (CPU: the same thread) too
+            grads = ref.chunked_backward(grad, z, means, log_weights, log_var, out, chunk)
+        return tuple(t.contiguous() for t in grads)
+
+    if impl in TRITON_IMPLS:  # the torch backward reads the same fp32 lse
+        return with_fallback(OP, impl == AUTO_TRITON, lambda: triton_backward(
+            grad, z, means, log_weights, log_var, out, need_z, need_components), torch_path)
+    return torch_path()
 
 
 @torch.library.custom_op("bype_kernels::mixture_logpdf", mutates_args=())
@@ -524,7 +541,7 @@ def _mixture_logpdf_op(z: Tensor, means: Tensor, log_weights: Tensor, log_var: T
 
 @_mixture_logpdf_op.register_fake
 def _(z, means, log_weights, log_var, impl, chunk):
-    lse_dtype = ref.compute_dtype(z, means, log_weights, log_var) if impl != "triton" else torch.float32
+    lse_dtype = ref.compute_dtype(z, means, log_weights, log_var) if impl not in TRITON_IMPLS else torch.float32
     return (z.new_empty((z.shape[0],), dtype=_out_dtype(z, means, log_weights, log_var)),
             z.new_empty((z.shape[0],), dtype=lse_dtype))
 
@@ -640,6 +657,8 @@ def mixture_logpdf(z: Tensor, means: Tensor, log_weights: Tensor, log_var: Union
             impl = "torch"  # auto falls back quietly to the torch path, which handles both
         elif why:
             raise ValueError(f"mixture_logpdf: impl='triton' {why}; use impl='torch'")
+        elif chosen_by_auto(requested):
+            impl = "torch" if triton_failed(OP) else AUTO_TRITON
     if torch.compiler.is_compiling():
         return _mixture_logpdf_op(z, means, log_weights, log_var, impl, int(chunk))[0]
     return _EagerMixtureLogpdf.apply(z, means, log_weights, log_var, impl, int(chunk))

@@ -113,6 +113,33 @@ def test_fp32_inputs(impl, device):
         assert rel_err(a, b) < max(fp32_tol(37, 29), 1e-4)
 
 
+@pytest.mark.skipif(bool(TRITON_SKIP), reason=TRITON_SKIP)
+def test_triton_failure_of_an_auto_choice_falls_back(monkeypatch):
+    """As for the mixture op: a Triton error where impl='auto' chose Triton (the coreset update on a GPU)
+    switches coreset_grads to its torch path with one warning; an explicit impl='triton' raises it."""
+    from triton.errors import TritonError
+
+    from kernels import dispatch
+
+    class Refused(TritonError):
+        pass
+
+    def refuse(launch, device):
+        raise Refused("out of shared memory")
+
+    monkeypatch.setattr(cg, "_run", refuse)
+    monkeypatch.setattr(cg, "resolve_impl", lambda t, impl="auto": "triton" if impl == "auto" else impl)
+    monkeypatch.setattr(dispatch, "_TRITON_FAILED", {})
+    problem = [t.float() for t in make_problem(13, 29, 37, "logistic", seed=5)]
+    with pytest.raises(Refused):
+        kernels.coreset_grads(*problem, "logistic", impl="triton")
+    with pytest.warns(RuntimeWarning, match=r"coreset_grads: the Triton kernels failed .*Refused: out of shared"):
+        out = kernels.coreset_grads(*problem, "logistic")
+    for a, b in zip(out, kernels.coreset_grads(*problem, "logistic", impl="torch")):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert dispatch.triton_failed("coreset_grads") and not dispatch.triton_failed("mixture_logpdf")
+
+
 def test_bernoulli_grad_U_is_rank_one():
     U, w, params, data_term = make_problem(13, 29, 37, "bernoulli", seed=4)
     gU, _, r = kernels.coreset_grads(U, w, params, data_term, "bernoulli")

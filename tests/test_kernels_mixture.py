@@ -458,6 +458,52 @@ def test_z_only_backward_skips_component_kernel(impl, device, plan, monkeypatch)
             ("_mixture_fused_fwd_kernel", (3,)), ("_mixture_fused_bwd_kernel", (3 + 2,))]
 
 
+@pytest.mark.skipif(bool(TRITON_SKIP), reason=TRITON_SKIP)
+@pytest.mark.parametrize("failing", ["forward", "backward"])
+def test_triton_failure_of_an_auto_choice_falls_back(monkeypatch, failing):
+    """A Triton release that refuses a kernel (compile error, resources) must not stop a run that left the
+    choice to impl='auto' (what training uses on a GPU): the op takes its torch path from then on, with one
+    warning naming the error; an explicit impl='triton' raises it. A failure in the backward, after a Triton
+    forward, finishes on the torch backward from the same fp32 log-sum-exp."""
+    import warnings
+
+    from triton.errors import TritonError
+
+    from kernels import dispatch
+
+    class Refused(TritonError):
+        pass
+
+    run = mix._run
+
+    def refuse(launch, device):
+        if failing == "forward" or "bwd" in launch.kernel:
+            raise Refused("not supported by this Triton")
+        return run(launch, device)
+
+    monkeypatch.setattr(mix, "_run", refuse)
+    monkeypatch.setattr(mix, "resolve_impl", lambda t, impl="auto": "triton" if impl == "auto" else impl)  # as on CUDA
+    monkeypatch.setattr(dispatch, "_TRITON_FAILED", {})
+    inputs = make_inputs(37, 53, 7, "diag", seed=41)
+    up = torch.randn(37, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(Refused):
+        run_with_grads(lambda *a: kernels.mixture_logpdf(*a, impl="triton"), inputs, up)
+    assert not dispatch.triton_failed(mix.OP)
+    with pytest.warns(RuntimeWarning, match=r"mixture_logpdf: the Triton kernels failed on this machine "
+                                            r"\(Refused: not supported by this Triton\); impl='auto' uses the torch"):
+        out, grads = run_with_grads(kernels.mixture_logpdf, inputs, up)
+    out64, grads64 = reference64(inputs, up)
+    atol, rtol, _ = tolerances("torch", "cpu", inputs)
+    torch.testing.assert_close(out.double(), out64, rtol=0, atol=atol)
+    for g, g64 in zip(grads, grads64):
+        assert_close_scaled(g, g64, rtol, f"fallback after a failing {failing}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once; later calls go to the torch path directly
+        again, _ = run_with_grads(kernels.mixture_logpdf, inputs, up)
+    torch.testing.assert_close(again, run_with_grads(lambda *a: kernels.mixture_logpdf(*a, impl="torch"),
+                                                     inputs, up)[0], rtol=0, atol=0)
+
+
 def test_float64_auto_falls_back_explicit_triton_refuses(monkeypatch):
     """float64 is computed in float64 (torch path) as documented: 'auto' (here forced to Triton by
     the environment) falls back, an explicit impl='triton' (fp32 kernels) is refused."""
