@@ -5,7 +5,8 @@
 # previous split rule (BYPE_KERNEL_SPLIT=programs) and, at the training shape, under the split plan instead
 # of the one-launch fused plan (BYPE_MIXTURE_PLAN=split), the device time of each Triton kernel
 # (torch.profiler, `bype bench kernels --profile`), a ByPE training with the Triton prior against the
-# torch prior, one DDP process over NCCL, the kernel test files with compiled Triton. Writes
+# torch prior, `bype bench speed` eager and with train.compile=true, one DDP process over NCCL, the
+# kernel test files with compiled Triton. Writes
 # OUT/gpu-check.json and OUT/gpu-check.md after every step.
 #
 #   launch/gpu-check.sh [--dry-run] [--out DIR] [--budget-s SECONDS] [--only STEP,..] [--skip STEP,..]

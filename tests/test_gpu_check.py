@@ -121,3 +121,21 @@ def test_accuracy_step_runs_on_the_interpreter(tmp_path):
     assert {"shared", "shared/split", "diag+bf16/fused"} <= modes
     bf16 = next(r for r in records if r["mode"] == "diag+bf16/fused")
     assert bf16["tol"] == _gpu_accuracy.BF16_TOL and 0 < max(bf16["errors"].values()) <= bf16["tol"]
+
+
+def test_speed_steps_and_their_summary(tmp_path):
+    """The training-step benchmark runs eager and with train.compile=true (the open question of CUDA graphs at
+    batch 100), each parsed from its own folder into per-prior lines of the summary."""
+    steps = {s.name: s for s in gpu_check.plan(tmp_path, "/data/fm")}
+    assert "train.compile=true" in steps["speed_compiled"].argv
+    assert "train.compile=true" not in steps["speed_eager"].argv
+    for name, ms in (("speed_eager", 4.0), ("speed_compiled", 21.0)):
+        assert {"--device", "cuda", "data.root=/data/fm", str(tmp_path / name)} <= set(steps[name].argv)
+        (tmp_path / name).mkdir()
+        rows = [dict(row="bype", step_s=ms * 1e-3, matmul_floor_s=1e-3, vs_floor=ms,
+                     compiled=name.endswith("compiled"))]
+        (tmp_path / name / "speed.json").write_text(json.dumps(dict(rows=rows)))
+    results = {n: gpu_check.parse(n, "", tmp_path) for n in ("speed_eager", "speed_compiled")}
+    lines = gpu_check.speed_lines(results)
+    assert "- eager bype: 4.00 ms per step, matmul floor 1.00 ms (4.00x)" in lines
+    assert "- compiled bype: 21.00 ms per step, matmul floor 1.00 ms (21.00x)" in lines

@@ -58,6 +58,12 @@ def plan(out: Path, fmnist: str | None) -> list[Step]:
     compiled = {"TRITON_INTERPRET": "0"}  # real GPU kernels, never the interpreter
     runs = str(out / "runs")
 
+    def speed(name: str, what: str, overrides: list, limit_s: int) -> Step:
+        """A `bype bench speed --device cuda` step (Gaussian and ByPE priors, 30 timed steps) into its folder."""
+        return Step(name, what, bype + ["bench", "speed", "--device", "cuda", "--priors", "gaussian,bype", "--knn", "0",
+                                        "--steps", "30", "--warmup", "5", "--coreset-steps", "20",
+                                        "--out", str(out / name), *data, *overrides], limit_s, compiled)
+
     def bench(name: str, what: str, B: str, M: str, impls: str, repeats: int, limit_s: int, env=None,
               passes: str = "fwd,fwdbwd", extra=()) -> Step:
         """A `bype bench kernels --device cuda` step (d = 40) into its folder."""
@@ -92,6 +98,10 @@ def plan(out: Path, fmnist: str | None) -> list[Step]:
         Step("train_torch", "the same run with the torch path of the prior",
              bype + ["train", f"out_dir={runs}", "name=torch"] + data + TRAIN_OVERRIDES, 75,
              {**compiled, "BYPE_KERNEL_IMPL": "torch"}),
+        speed("speed_eager", "bype bench speed --device cuda: the Gaussian and ByPE training steps, eager (the GPU "
+              "default), against their matmul floors", [], 120),
+        speed("speed_compiled", "the same with train.compile=true (CUDA graphs), once slower than eager at batch 100: "
+              "is it still?", ["train.compile=true"], 240),
         Step("ddp_nccl", "one DDP process on the GPU over NCCL (torchrun), one short epoch",
              [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "bype.cli", "train",
               f"out_dir={runs}", "name=ddp", "dist.engine=ddp", "dist.backend=nccl", "device=cuda",
@@ -163,6 +173,10 @@ def parse(name: str, text: str, out: Path) -> dict:
     if name.startswith("bench_kernels"):
         p = out / BENCH_DIRS[name] / "kernels.json"
         return {"rows": json.loads(p.read_text())["rows"], "bench_md": str(p.with_suffix(".md"))} if p.exists() else {}
+    if name.startswith("speed_"):
+        p = out / name / "speed.json"
+        keys = ("row", "step_s", "matmul_floor_s", "vs_floor", "fraction_of_matmul", "compiled", "coreset_update_s")
+        return {"rows": [{k: r.get(k) for k in keys} for r in json.loads(p.read_text())["rows"]]} if p.exists() else {}
     if name.startswith("train") or name == "ddp_nccl":
         run = out / "runs" / {"train_triton": "triton", "train_torch": "torch", "ddp_nccl": "ddp"}[name]
         p = run / "metrics.jsonl"
@@ -225,7 +239,7 @@ def summary_markdown(results: dict, meta: dict) -> str:
             table = out_dir_table(results[name])
             lines += ["", f"## {name}", "", table.strip()] if table else []
             lines += [f"- {k}" for k in triton_ratios(rows)]
-    lines += split_rule_lines(results) + plan_lines(results)
+    lines += split_rule_lines(results) + plan_lines(results) + speed_lines(results)
     cmp_ = meta.get("training_comparison")
     if cmp_:
         lines += ["", "## ByPE training on the GPU: Triton vs torch prior", "",
@@ -267,6 +281,18 @@ def plan_lines(results: dict) -> list[str]:
     """Triton at the training shape with the fused plan (bench_kernels_training) against the split plan."""
     return ab_lines(results, "bench_kernels_training", "bench_kernels_training_split",
                     "Plan at the training shape (BYPE_MIXTURE_PLAN)", ("fused", "split"))
+
+
+def speed_lines(results: dict) -> list[str]:
+    """The training step on the GPU, eager and compiled (bype bench speed): ms per step against the floor."""
+    out = []
+    for name in ("speed_eager", "speed_compiled"):
+        for r in results.get(name, {}).get("rows") or []:
+            if r.get("step_s"):
+                floor = f", matmul floor {r['matmul_floor_s'] * 1e3:.2f} ms ({r['vs_floor']:.2f}x)" if r.get(
+                    "matmul_floor_s") else ""
+                out.append(f"- {name.removeprefix('speed_')} {r['row']}: {r['step_s'] * 1e3:.2f} ms per step{floor}")
+    return ["", "## Training step on the GPU (bype bench speed)", "", *out] if out else []
 
 
 def triton_ratios(rows: list[dict]) -> list[str]:
