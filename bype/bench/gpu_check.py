@@ -58,11 +58,11 @@ def plan(out: Path, fmnist: str | None) -> list[Step]:
     compiled = {"TRITON_INTERPRET": "0"}  # real GPU kernels, never the interpreter
     runs = str(out / "runs")
 
-    def speed(name: str, what: str, overrides: list, limit_s: int) -> Step:
+    def speed(name: str, what: str, overrides: list, limit_s: int, env=None) -> Step:
         """A `bype bench speed --device cuda` step (Gaussian and ByPE priors, 30 timed steps) into its folder."""
         return Step(name, what, bype + ["bench", "speed", "--device", "cuda", "--priors", "gaussian,bype", "--knn", "0",
                                         "--steps", "30", "--warmup", "5", "--coreset-steps", "20",
-                                        "--out", str(out / name), *data, *overrides], limit_s, compiled)
+                                        "--out", str(out / name), *data, *overrides], limit_s, {**compiled, **(env or {})})
 
     def bench(name: str, what: str, B: str, M: str, impls: str, repeats: int, limit_s: int, env=None,
               passes: str = "fwd,fwdbwd", extra=()) -> Step:
@@ -101,7 +101,8 @@ def plan(out: Path, fmnist: str | None) -> list[Step]:
         speed("speed_eager", "bype bench speed --device cuda: the Gaussian and ByPE training steps, eager (the GPU "
               "default), against their matmul floors", [], 120),
         speed("speed_compiled", "the same with train.compile=true (CUDA graphs), once slower than eager at batch 100: "
-              "is it still?", ["train.compile=true"], 240),
+              "is it still? (its log names recompiles, graph breaks and skipped CUDA graphs)", ["train.compile=true"],
+              240, {"TORCH_LOGS": "recompiles,graph_breaks,perf_hints"}),
         Step("ddp_nccl", "one DDP process on the GPU over NCCL (torchrun), one short epoch",
              [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "bype.cli", "train",
               f"out_dir={runs}", "name=ddp", "dist.engine=ddp", "dist.backend=nccl", "device=cuda",
