@@ -252,20 +252,29 @@ def test_nan_input_gives_nan_not_zero_gradient(impl, device, plan):
 @pytest.mark.parametrize("impl,device,plan", PLAN_CASES)
 @pytest.mark.parametrize("seed", [2, 3, 5])
 def test_row_far_from_every_component(impl, device, plan, seed):
-    """One z row ~1e3 from every component (log-density ~ -5e5): its responsibilities come from the backward's
-    scores minus the forward's log-sum-exp, so both passes must round each score alike. The fused plan once
-    added the norms in another order in its component pass: 3e-3 relative error on the component gradients
-    where the split plan had 2e-6."""
+    """Rows 30 and 60 units from every component (log-densities ~ -450 and -1800 nats): every exp() of the
+    row underflows but the nearest component's, so its responsibilities exist only as the backward's scores
+    minus the forward's log-sum-exp, and its gradient must still pull it towards that component (not vanish,
+    not blow up). The error follows the suite's score-scale tolerance, which grows with the distance
+    squared (docs/KERNELS.md, "Numerics": responsibilities far out)."""
     g = torch.Generator().manual_seed(seed)
     B, M, d = 4, 8, 4
     means = torch.randn(M, d, generator=g)
     z = means[:B] + 0.7 * torch.randn(B, d, generator=g)
-    z[0] += 1000.0 * torch.randn(d, generator=g) / d**0.5
+    z[0] += 30.0 * torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    z[1] += 60.0 * torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
     inputs = [t.to(device) for t in (z, means, torch.randn(M, generator=g), torch.tensor(0.0))]
     out, grads = run_with_grads(lambda *a: kernels.mixture_logpdf(*a, impl=impl), inputs, torch.ones(B))
-    _, grads64 = reference64(inputs, torch.ones(B))
+    out64, grads64 = reference64(inputs, torch.ones(B))
+    atol, rtol, rtol_shared = tolerances(impl, device, inputs)
+    torch.testing.assert_close(out.double(), out64, rtol=0, atol=atol)
+    assert out[1] < -1000
     for name, g_, g64 in zip(("z", "means", "log_weights", "log_var"), grads, grads64):
-        assert_close_scaled(g_, g64, 1e-4 if device == "cpu" else 1e-3, f"{impl}/{device}/{plan}/{name}")
+        assert_close_scaled(g_, g64, rtol_shared if name == "log_var" else rtol, f"{impl}/{device}/{plan}/{name}")
+    for row in (0, 1):  # back towards the components, about as hard as the distance (unit variance)
+        pull = means.mean(0) - z[row]
+        cosine = torch.dot(grads[0][row], pull) / (grads[0][row].norm() * pull.norm())
+        assert cosine > 0.9 and 0.5 < grads[0][row].norm() / pull.norm() < 2.0, (row, cosine)
 
 
 @pytest.mark.parametrize("impl,device,plan", PLAN_CASES)
