@@ -685,10 +685,14 @@ def test_bench_kernels_smoke(tmp_path, capsys):
     data = json.loads((tmp_path / "kernels.json").read_text())
     rows = {(r["impl"], r["passes"], r["M"]): r for r in data["rows"]}
     assert rows[("chunked", "fwdbwd", 20)]["time_s"] > 0
+    # back to back and enqueue time: on a CPU the host is the device, so enqueueing is the whole call
+    r = rows[("chunked", "fwdbwd", 20)]
+    assert 0 < r["enqueue_s"] <= r["b2b_s"]
     assert rows[("naive", "fwd", 20)]["speedup_vs_naive"] == 1.0
     assert "skipped" in rows[("naive", "fwd", 3000)]  # 16 x 3000 x 4 B x 3 > 0.0001 GiB
     assert "triton" in data["meta"]["unavailable"]  # CPU: not timed
-    assert "| chunked | fwd | 16 | 20 | 3 |" in (tmp_path / "kernels.md").read_text()
+    md = (tmp_path / "kernels.md").read_text()
+    assert "| chunked | fwd | 16 | 20 | 3 |" in md and "| back to back ms | enqueue ms |" in md
     assert (tmp_path / "kernels.png").stat().st_size > 0
 
 

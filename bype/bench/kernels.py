@@ -199,6 +199,18 @@ def _time_calls(fn, device, warmup: int, repeats: int) -> list[float]:
     return times
 
 
+def _back_to_back(fn, device, repeats: int) -> tuple[float, float]:
+    """(seconds to enqueue one call, seconds per call) over ``repeats`` calls issued without waiting: where
+    the enqueueing takes as long as the call, the host, not the device, sets the pace."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    enqueue = (time.perf_counter() - t0) / repeats
+    _sync(device)
+    return enqueue, (time.perf_counter() - t0) / repeats
+
+
 def _peak_bytes(fn, device) -> tuple[int | None, str]:
     """Extra memory of one call, and how it was measured."""
     if device.type == "cuda":
@@ -349,13 +361,14 @@ def _measure(fn, inputs, bwd, device, args, peak_flops, peak_exp) -> dict:
     try:
         with torch.set_grad_enabled(bwd):
             times = _time_calls(call, device, args.warmup, args.repeats)
+            enqueue, b2b = _back_to_back(call, device, args.repeats)
             mem, how = _peak_bytes(call, device)
     except (RuntimeError, NotImplementedError) as e:  # e.g. out of memory, keops build failure
         return dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
     t = statistics.median(times)
     flops = 2 * B * M * d * (3 if bwd else 1)
     exps = B * M * (2 if bwd else 1)
-    row = dict(time_s=t, time_min_s=min(times), peak_bytes=mem, memory_method=how,
+    row = dict(time_s=t, time_min_s=min(times), b2b_s=b2b, enqueue_s=enqueue, peak_bytes=mem, memory_method=how,
                gflops=flops / t / 1e9, gexp_per_s=exps / t / 1e9,
                frac_matmul=flops / t / peak_flops, frac_exp=exps / t / peak_exp)
     if args.profile:  # after the timing, so that the profiler's own cost is not in it
@@ -381,19 +394,21 @@ def _fmt_bytes(n):
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
-HEADER = "| impl | pass | B | M | d | median ms | min ms | peak mem | GFLOP/s | Gexp/s | % matmul | x naive |"
+HEADER = ("| impl | pass | B | M | d | median ms | min ms | peak mem | GFLOP/s | Gexp/s | % matmul | x naive "
+          "| back to back ms | enqueue ms |")
 
 
 def _fmt_row(r) -> str:
     impl = f"{r['impl']} ({r['plan']})" if r.get("plan") else r["impl"]
     head = f"| {impl} | {r['passes']} | {r['B']} | {r['M']} | {r['d']} |"
     if "skipped" in r:
-        return head + f" skipped: {r['skipped']} | | | | | | |"
+        return head + f" skipped: {r['skipped']} | | | | | | | | |"
     if "error" in r:
-        return head + f" error: {r['error']} | | | | | | |"
+        return head + f" error: {r['error']} | | | | | | | | |"
     sp = f"{r['speedup_vs_naive']:.2f}" if "speedup_vs_naive" in r else ""
     return (head + f" {r['time_s'] * 1e3:.2f} | {r['time_min_s'] * 1e3:.2f} | {_fmt_bytes(r['peak_bytes'])} | {r['gflops']:.1f} | "
-            f"{r['gexp_per_s']:.2f} | {100 * r['frac_matmul']:.1f} | {sp} |")
+            f"{r['gexp_per_s']:.2f} | {100 * r['frac_matmul']:.1f} | {sp} | {r['b2b_s'] * 1e3:.2f} | "
+            f"{r['enqueue_s'] * 1e3:.2f} |")
 
 
 def _plot(rows, path: Path) -> bool:
@@ -570,7 +585,7 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    table = "\n".join([HEADER, "|" + "---|" * 12] + [_fmt_row(r) for r in rows])
+    table = "\n".join([HEADER, "|" + "---|" * 14] + [_fmt_row(r) for r in rows])
     profiles = "\n" + profile_markdown(rows) if any(r.get("profile") for r in rows) else ""
     (out / "kernels.md").write_text(
         f"device {meta['device_name']} ({meta['device']}, {meta['threads']} threads), log_var {meta['log_var']}, "
