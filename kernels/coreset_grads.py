@@ -186,9 +186,8 @@ def pairwise_log_prob(x: Tensor, params: Tensor, likelihood: str, impl: str = "a
     def torch_path():
         return _logistic_pairwise_torch(x.to(ct), params[:, 0].to(ct), params[:, 1].to(ct))
 
-    if resolve_impl(x, impl) == "triton":
-        return with_fallback(OP, auto, lambda: _logistic_pairwise_triton(x, params[:, 0], params[:, 1]), torch_path)
-    return torch_path()
+    return _either(resolve_impl(x, impl), auto, lambda: _logistic_pairwise_triton(x, params[:, 0], params[:, 1]),
+                   torch_path)
 
 
 # ----------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import mixture_reference as ref
 from . import tiling
-from .dispatch import chosen_by_auto, resolve_impl, triton_failed, with_fallback
+from .dispatch import chosen_by_auto, resolve_impl, with_fallback
 
 
 LOG_2PI = ref.LOG_2PI
@@ -180,8 +180,7 @@ class _Operands:
 
     @property
     def lv_stride(self) -> int:
-        """Row stride of a diagonal log-variance (0 for the isotropic modes, read per row or once)."""
-        return self.log_var.stride(0) if self.mode == "diag" else 0
+        return _lv_stride(self.log_var, self.mode)
 
     @property
     def block_d(self) -> int:
@@ -213,6 +212,11 @@ def triton_plan(B: int, M: int) -> str:
         raise ValueError(f"{PLAN_ENV}={env!r}: expected 'auto', 'fused' or 'split'")
     bb, bm = FUSED_TILES
     return "fused" if max(tiling.cdiv(B, bb), tiling.cdiv(M, bm)) <= FUSED_LOOP_TILES else "split"
+
+
+def _lv_stride(log_var: Tensor, mode: str) -> int:
+    """Row stride of a diagonal log-variance (0 for the isotropic modes, read per row or once)."""
+    return log_var.stride(0) if mode == "diag" else 0
 
 
 PREP_ROWS = 16  # rows per program of the preparation / combination kernels (every tile is a multiple)
@@ -249,6 +253,11 @@ def _rows_meta(target: tiling.Target, **constexprs) -> dict:
     return dict(BLOCK_R=PREP_ROWS, num_warps=4 if target.cuda else 1, **constexprs)
 
 
+def _inputs_contiguous(*ts: Tensor) -> tuple[Tensor, ...]:
+    # the kernels read rows with unit column stride: a no-op, no launch, for the usual inputs
+    return tuple(t.detach().contiguous() for t in ts)
+
+
 def _operands(z, means, log_weights, log_var, target: tiling.Target, out: Optional[Tensor] = None,
               grad: Optional[Tensor] = None) -> tuple[_Operands, list[tiling.Launch]]:
     """The operands' buffers and the two launches that fill them (rows of z, components); with ``out``
@@ -260,9 +269,8 @@ def _operands(z, means, log_weights, log_var, target: tiling.Target, out: Option
     K = K1 + K2
     B_pad, M_pad = _padding(B, M, K, target)
     f32 = dict(dtype=torch.float32, device=z.device)
-    # contiguous: the kernels read rows with unit column stride (a no-op, no launch, for the usual inputs);
     # the centre from the contiguous means, so that results do not depend on the input's memory layout
-    z, means, log_weights, log_var = (t.detach().contiguous() for t in (z, means, log_weights, log_var))
+    z, means, log_weights, log_var = _inputs_contiguous(z, means, log_weights, log_var)
     centre = means.float().mean(0)
     backward = out is not None
     ops = _Operands(mode, B, M, d, K, K1, B_pad, M_pad, z, means, log_weights, log_var, centre,
@@ -347,16 +355,11 @@ def _fused_meta(kernel: str, mode: str, d: int, target: tiling.Target) -> dict:
                 PRECISION=_precision(target), num_warps=warps if target.cuda else 1, num_stages=stages)
 
 
-def _inputs_contiguous(*ts: Tensor) -> tuple[Tensor, ...]:
-    # the kernels read rows with unit column stride: a no-op, no launch, for the usual inputs
-    return tuple(t.detach().contiguous() for t in ts)
-
-
 def fused_forward_launch(z: Tensor, means: Tensor, log_weights: Tensor, log_var: Tensor, out: Tensor, lse: Tensor,
                          target: tiling.Target) -> tiling.Launch:
     """The fused forward: log-density into ``out`` (any float dtype) and ``lse`` (fp32), both [B]."""
     (B, d), M, mode = z.shape, means.shape[0], ref.log_var_mode(log_var)
-    lv_stride = log_var.stride(0) if mode == "diag" else 0
+    lv_stride = _lv_stride(log_var, mode)
     return tiling.Launch("_mixture_fused_fwd_kernel", (tiling.cdiv(B, FUSED_TILES[0]),),
                          (z, means, log_weights, log_var, out, lse, B, M, d, z.stride(0), means.stride(0), lv_stride),
                          _fused_meta("fwd", mode, d, target))
@@ -367,7 +370,7 @@ def fused_backward_launch(grad: Tensor, z: Tensor, means: Tensor, log_weights: T
     """The fused backward into ``grads`` = (gz [B, d], gm [M, d], gw [M], glv [M] or [M, d]): programs over
     z-row tiles (when ``need_z``), then over component tiles (when ``need_components``)."""
     (B, d), M, mode = z.shape, means.shape[0], ref.log_var_mode(log_var)
-    lv_stride = log_var.stride(0) if mode == "diag" else 0
+    lv_stride = _lv_stride(log_var, mode)
     bb, bm = FUSED_TILES
     z_programs = tiling.cdiv(B, bb) if need_z else 0
     m_programs = tiling.cdiv(M, bm) if need_components else 0
@@ -446,25 +449,25 @@ def triton_backward(grad: Tensor, z: Tensor, means: Tensor, log_weights: Tensor,
     B, d = z.shape
     M = means.shape[0]
     gz = gm = gw = glv = None
-    if B > 0 and (need_z or need_components) and triton_plan(B, M) == "fused":
-        z, means, log_weights, log_var = _inputs_contiguous(z, means, log_weights, log_var)
-        grads = _fused_grads(z, means, log_weights, log_var)
-        _run(fused_backward_launch(grad, z, means, log_weights, log_var, out.detach().float(), grads, need_z,
-                                   need_components, tiling.target_for(z.device)), z.device)
-        gz, gm, gw, glv = (g if need else None for g, need in zip(grads, (need_z, *(need_components,) * 3)))
-        if glv is not None and log_var.dim() == 0:
-            glv = glv.sum()
-    elif B > 0 and (need_z or need_components):
+    if B > 0 and (need_z or need_components):
         target = tiling.target_for(z.device)
-        ops, launches = _operands(z, means, log_weights, log_var, target, out=out.detach().float(), grad=grad)
-        if need_z:
-            side, gz = backward_z_launches(ops, target)
-            launches += side
-        if need_components:
-            side, (gm, gw, glv) = backward_m_launches(ops, target)
-            launches += side
-        _run_all(launches, z.device)
-        if need_components and ops.mode == "shared":
+        out = out.detach().float()
+        if triton_plan(B, M) == "fused":
+            z, means, log_weights, log_var = _inputs_contiguous(z, means, log_weights, log_var)
+            grads = _fused_grads(z, means, log_weights, log_var)
+            _run(fused_backward_launch(grad, z, means, log_weights, log_var, out, grads, need_z, need_components,
+                                       target), z.device)
+            gz, gm, gw, glv = (g if need else None for g, need in zip(grads, (need_z, *(need_components,) * 3)))
+        else:
+            ops, launches = _operands(z, means, log_weights, log_var, target, out=out, grad=grad)
+            if need_z:
+                side, gz = backward_z_launches(ops, target)
+                launches += side
+            if need_components:
+                side, (gm, gw, glv) = backward_m_launches(ops, target)
+                launches += side
+            _run_all(launches, z.device)
+        if glv is not None and log_var.dim() == 0:  # a shared log-variance: the per-component terms summed
             glv = glv.sum()
     # gradients not asked for: zeros (the autograd wrapper drops them)
     gz = torch.zeros(B, d, device=z.device) if gz is None else gz
@@ -570,13 +573,19 @@ def _setup_context(ctx, inputs, output):
     ctx.chunk = chunk
 
 
-def _backward(ctx, grad, _grad_lse):
-    z, means, log_weights, log_var, out = ctx.saved_tensors
+def _input_grads(ctx, grad, grads_of) -> tuple:
+    """Gradients of the op's inputs from its saved tensors through ``grads_of`` (the backward op or its body):
+    those asked for, None for the rest and for impl and chunk."""
+    z, means, log_weights, log_var, lse = ctx.saved_tensors
     need = ctx.needs_input_grad
-    gz, gm, gw, glv = _mixture_logpdf_backward_op(grad, z, means, log_weights, log_var, out,
-                                                  ctx.impl, ctx.chunk, bool(need[0]), any(need[1:4]))
+    gz, gm, gw, glv = grads_of(grad, z, means, log_weights, log_var, lse, ctx.impl, ctx.chunk,
+                               bool(need[0]), any(need[1:4]))
     return (gz if need[0] else None, gm if need[1] else None, gw if need[2] else None,
             glv if need[3] else None, None, None)
+
+
+def _backward(ctx, grad, _grad_lse):
+    return _input_grads(ctx, grad, _mixture_logpdf_backward_op)
 
 
 _mixture_logpdf_op.register_autograd(_backward, setup_context=_setup_context)
@@ -596,15 +605,9 @@ class _EagerMixtureLogpdf(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        z, means, log_weights, log_var, lse = ctx.saved_tensors
-        need = ctx.needs_input_grad
         # First-order gradients only. Under create_graph=True go through the backward op, whose outputs refuse
         # a second derivative by name (no autograd formula registered) instead of passing as constants.
-        grads_of = _mixture_logpdf_backward_op if torch.is_grad_enabled() else _gradients
-        gz, gm, gw, glv = grads_of(grad, z, means, log_weights, log_var, lse, ctx.impl, ctx.chunk,
-                                   bool(need[0]), any(need[1:4]))
-        return (gz if need[0] else None, gm if need[1] else None, gw if need[2] else None,
-                glv if need[3] else None, None, None)
+        return _input_grads(ctx, grad, _mixture_logpdf_backward_op if torch.is_grad_enabled() else _gradients)
 
 
 # ========================================================================================
@@ -658,7 +661,7 @@ def mixture_logpdf(z: Tensor, means: Tensor, log_weights: Tensor, log_var: Union
         elif why:
             raise ValueError(f"mixture_logpdf: impl='triton' {why}; use impl='torch'")
         elif chosen_by_auto(requested):
-            impl = "torch" if triton_failed(OP) else AUTO_TRITON
+            impl = AUTO_TRITON  # a Triton failure, now or earlier in the process, takes the torch path
     if torch.compiler.is_compiling():
         return _mixture_logpdf_op(z, means, log_weights, log_var, impl, int(chunk))[0]
     return _EagerMixtureLogpdf.apply(z, means, log_weights, log_var, impl, int(chunk))

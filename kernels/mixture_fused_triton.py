@@ -20,7 +20,7 @@ long (``FUSED_LOOP_TILES``).
 import triton
 import triton.language as tl
 
-from .mixture_prep_triton import LN2, LOG2E, LOG_2PI, _row_log_var
+from .mixture_prep_triton import LN2, LOG2E, LOG_2PI, _row_log_var, _row_weights
 from .tf32_triton import _dot3, _split_tf32
 
 
@@ -84,16 +84,6 @@ def _component_side(means_ptr, lw_ptr, lv_ptr, c, m_offs, M, d, stride_m, stride
         p2 = 0.5 * LOG2E * prec
         w = prec
     return mc, prec, r1, r2, tl.where(live, LOG2E * const, float("-inf")), p2, q, w
-
-
-@triton.jit
-def _row_weights(lse_ptr, grad_ptr, rows, B, stride_g):
-    """(lse2, g) of rows: log2 units; +inf and 0 for rows of zero density or beyond B (no gradient)."""
-    live = rows < B
-    lse = tl.load(lse_ptr + rows, mask=live, other=float("-inf"))
-    g = tl.load(grad_ptr + rows * stride_g, mask=live, other=0.0).to(tl.float32)
-    dead = lse == float("-inf")
-    return tl.where(dead, float("inf"), lse * LOG2E), tl.where(dead, 0.0, g)
 
 
 @triton.jit

@@ -61,13 +61,23 @@ def _row_log_var(lv_ptr, rows, live, SHARED: tl.constexpr):
 
 
 @triton.jit
+def _row_weights(lse_ptr, grad_ptr, rows, B, stride_g):
+    """(lse2, g) of rows: log2 units; +inf and 0 for rows of zero density or beyond B (no gradient: every
+    2^(s2 - lse2) must be 0, g 0)."""
+    live = rows < B
+    lse = tl.load(lse_ptr + rows, mask=live, other=float("-inf"))
+    g = tl.load(grad_ptr + rows * stride_g, mask=live, other=0.0).to(tl.float32)
+    dead = lse == float("-inf")
+    return tl.where(dead, float("inf"), lse * LOG2E), tl.where(dead, 0.0, g)
+
+
+@triton.jit
 def _mixture_prep_rows_kernel(z_ptr, c_ptr, lh_ptr, ll_ptr, zz_ptr, out_ptr, grad_ptr, lse2_ptr, g_ptr,
                       B, d, stride_z,
                       DIAG: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr, KW: tl.constexpr,
                       BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_K)
-    live = rows < B
     _, _, zc = _centred_k_layout(z_ptr, c_ptr, rows, B, cols, d, stride_z, DIAG)  # L = z or [z^2, z]
     if DIAG:
         _store_hilo(lh_ptr, ll_ptr, rows, cols, tl.where(cols[None, :] < d, zc * zc, zc), KW)
@@ -76,11 +86,9 @@ def _mixture_prep_rows_kernel(z_ptr, c_ptr, lh_ptr, ll_ptr, zz_ptr, out_ptr, gra
         _store_hilo(lh_ptr, ll_ptr, rows, cols, zc, KW)
         tl.store(zz_ptr + rows, tl.sum(zc * zc, axis=1))
     if BACKWARD:
-        lse = tl.load(out_ptr + rows, mask=live, other=float("-inf"))
-        grad = tl.load(grad_ptr + rows, mask=live, other=0.0).to(tl.float32)
-        dead = lse == float("-inf")  # zero density or padding: every 2^(s2 - lse2) must be 0, g 0
-        tl.store(lse2_ptr + rows, tl.where(dead, float("inf"), lse * LOG2E))
-        tl.store(g_ptr + rows, tl.where(dead, 0.0, grad))
+        lse2, g = _row_weights(out_ptr, grad_ptr, rows, B, 1)
+        tl.store(lse2_ptr + rows, lse2)
+        tl.store(g_ptr + rows, g)
 
 
 @triton.jit
