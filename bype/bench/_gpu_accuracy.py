@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -52,15 +53,8 @@ def check_mixture(B, M, d, mode, device, seed, offset=0.0, plan=None, dtype=torc
     ``dtype`` bfloat16 runs bf16 inputs (results stored in bf16) against float64 of the same rounded values."""
     if plan is None:
         return _check_mixture(B, M, d, mode, device, seed, offset, dtype)
-    before = os.environ.get(mix.PLAN_ENV)
-    os.environ[mix.PLAN_ENV] = plan
-    try:
+    with mock.patch.dict(os.environ, {mix.PLAN_ENV: plan}):
         r = _check_mixture(B, M, d, mode, device, seed, offset, dtype)
-    finally:
-        if before is None:
-            del os.environ[mix.PLAN_ENV]
-        else:
-            os.environ[mix.PLAN_ENV] = before
     return dict(r, mode=f"{r['mode']}/{plan}")
 
 

@@ -18,6 +18,7 @@ import os
 import statistics
 import time
 from contextlib import contextmanager
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -56,23 +57,11 @@ def triton_launches_recorded(arch: int = 90):
     from kernels import tiling
 
     launched: list[str] = []
-    run, target_for = mixture._run, tiling.target_for
-
-    def record(launch, device):
-        launched.append(launch.kernel)
-
-    mixture._run = record
-    tiling.target_for = lambda device: tiling.cuda_target(arch)
-    interpret = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # what impl='triton' asks of CPU tensors; nothing is interpreted
-    try:
+    # TRITON_INTERPRET=1: what impl='triton' asks of CPU tensors; nothing is interpreted
+    with mock.patch.object(mixture, "_run", lambda launch, device: launched.append(launch.kernel)), \
+            mock.patch.object(tiling, "target_for", lambda device: tiling.cuda_target(arch)), \
+            mock.patch.dict(os.environ, TRITON_INTERPRET="1"):
         yield launched
-    finally:
-        mixture._run, tiling.target_for = run, target_for
-        if interpret is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = interpret
 
 
 def _inputs(B: int, M: int, d: int, mode: str, seed: int = 0):
