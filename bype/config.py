@@ -77,6 +77,9 @@ class CoresetConfig:
     lr_u: Optional[float] = None  # step on U: scaled 0.01 x data range, reference 0.05 / (j + 1)
     safeguard: bool = True  # roll back an update that leaves the held-out ½Var(R) worse
     data_term: str = "auto"  # auto | exact | minibatch
+    # posterior: the paper's KL(pi_Uw || pi_X) (eq. 17); exemplar: the cross-entropy of the coreset prior
+    # to the Exemplar prior (docs/CORESET.md says when each can move the coreset)
+    objective: str = "posterior"
 
 
 @dataclass
@@ -149,6 +152,7 @@ CHOICES = {
     "prior.kind": ("gaussian", "vampprior", "exemplar", "bype"),
     "coreset.data_term": ("auto", "exact", "minibatch"),
     "coreset.schedule": ("scaled", "reference"),
+    "coreset.objective": ("posterior", "exemplar"),
     "train.optimizer": ("normalized_adam", "adam"),
     "train.compile_mode": ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "dist.engine": ("none", "ddp", "deepspeed"),

@@ -23,7 +23,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+import kernels
 from bype.coreset_data import build_data_term, resolve_mode
+from bype.coreset_exemplar import DEFAULT_DRAWS, DEFAULT_LR, all_means, fit_exemplar
 from bype.coreset_estimate import (Estimate, Pieces, diagnostics, estimate, loglik_pieces, process_group,
                                    residual, weight_summary)
 from bype.parallel.process_group import all_reduce_sum
@@ -36,6 +38,7 @@ log = logging.getLogger("bype")
 STATE_VERSION = 1
 KERNEL_LIKELIHOODS = ("bernoulli", "logistic")  # the ones kernels.coreset_grads fuses
 GRAD_PATHS = ("auto", "kernel", "closed_form", "autograd")
+OBJECTIVES = ("posterior", "exemplar")  # the paper's KL(pi_Uw || pi_X); the Exemplar prior's cross-entropy
 AUTOGRAD_CHUNK = 2**24  # elements of one [rows, S, D] autograd chunk in the generic path
 
 
@@ -111,8 +114,6 @@ def likelihood_gradients(likelihood, U: torch.Tensor, w: torch.Tensor, params: t
     if path == "auto":
         path = gradient_path(likelihood)
     if path == "kernel":
-        import kernels
-
         grad_U, grad_w, R_c = kernels.coreset_grads(U, w, params, data_term, likelihood.name)
         return grad_U, grad_w, R_c.double()
     A = likelihood.pairwise_log_prob(U, params)
@@ -131,8 +132,6 @@ def likelihood_gradients(likelihood, U: torch.Tensor, w: torch.Tensor, params: t
 def gradient_path(likelihood) -> str:
     """kernel where kernels.coreset_grads exists for this likelihood, else closed form where the likelihood
     has grad_u_contract, else autograd."""
-    import kernels
-
     if likelihood.name in KERNEL_LIKELIHOODS and hasattr(kernels, "coreset_grads"):
         return "kernel"
     probe = likelihood.grad_u_contract(torch.zeros(1, 1), torch.zeros(2, likelihood.planes, 1), torch.zeros(2))
@@ -343,19 +342,29 @@ class PseudocoresetOptimizer:
     def __init__(self, model: nn.Module, data, *, every: int = 10, steps: Optional[int] = None,
                  samples: Optional[int] = None, batch_size: int = 100, lr: Optional[float] = None,
                  lr_u: Optional[float] = None, schedule: str = "scaled", safeguard: bool = True,
-                 data_term: str = "auto", seed: int = 0, ctx=None, grad_path: str = "auto"):
+                 data_term: str = "auto", seed: int = 0, ctx=None, grad_path: str = "auto",
+                 objective: str = "posterior"):
         prior = model.prior
         if getattr(prior, "kind", None) != "bype":
             raise ValueError(f"prior.kind: the pseudocoreset optimiser needs the bype prior, got {prior.kind!r}")
         if schedule not in SCHEDULES:
             raise ValueError(f"coreset.schedule: {schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"coreset.objective: {objective!r} is not one of {', '.join(OBJECTIVES)}")
+        self.objective = objective
         self.model, self.prior, self.likelihood = model, prior, model.likelihood
+        self.data = data
+        # sum_n x_n of the training grey levels: the weighted-mean gap ||sum x - sum w u|| / N is logged
+        # before and after every update (the only thing the paper's objective sees for linear likelihoods).
+        self.sum_x = torch.as_tensor(data.stats["sum_x"], dtype=torch.float64).reshape(-1).to(prior.U.device)
         self.n_data = int(data.n_train)
         self.every, self.seed, self.schedule, self.safeguard = every, seed, schedule, safeguard
+        self._lr_given, self._lr_u_given = lr, lr_u
         self.lr = DEFAULT_STEPS[schedule][0] if lr is None else lr
         self.lr_u = DEFAULT_STEPS[schedule][1] if lr_u is None else lr_u
         self.steps = steps or max(1, self.n_data // batch_size)
-        self.samples = samples or prior.n_components
+        default_samples = DEFAULT_DRAWS if objective == "exemplar" else prior.n_components
+        self.samples = samples or default_samples
         if self.samples < 2:
             raise ValueError(f"coreset.samples: needs at least 2 samples for a covariance, got {self.samples}")
         self.device = prior.U.device
@@ -376,16 +385,33 @@ class PseudocoresetOptimizer:
         self.history: list[dict] = []  # one summary per update
         self.trace: list[float] = []  # ½Var(R) at every step of the latest update
         self.step_seconds: list[float] = []
-        log.info("coreset: %s data term, %s gradients, M=%d, S=%d, %d steps every %d epochs, %s steps "
-                 "(w %g, U %g)", self.mode, self.grad_path, prior.n_components, self.samples, self.steps, every,
-                 schedule, self.lr, self.lr_u)
+        if objective == "exemplar":
+            log.info("coreset: exemplar objective (cross-entropy to the Exemplar prior), M=%d, %d draws, %d steps "
+                     "every %d epochs, Adam %g on U's and w's logits", prior.n_components, self.samples,
+                     self.steps, every, self.exemplar_lrs()[0])
+        else:
+            log.info("coreset: %s data term, %s gradients, M=%d, S=%d, %d steps every %d epochs, %s steps "
+                     "(w %g, U %g)", self.mode, self.grad_path, prior.n_components, self.samples, self.steps,
+                     every, schedule, self.lr, self.lr_u)
 
     @classmethod
     def from_config(cls, cfg, model: nn.Module, data, ctx) -> "PseudocoresetOptimizer":
         c = cfg.coreset
         return cls(model, data, every=c.every, steps=c.steps, samples=c.samples, batch_size=c.batch_size,
                    lr=c.lr, lr_u=c.lr_u, schedule=c.schedule, safeguard=c.safeguard, data_term=c.data_term,
-                   seed=cfg.seed, ctx=ctx)
+                   seed=cfg.seed, ctx=ctx, objective=c.objective)
+
+    def exemplar_lrs(self) -> tuple[float, float]:
+        """(step on U's logits, step on w's logits) of the exemplar objective: coreset.lr_u / coreset.lr when
+        set, else DEFAULT_LR, times the trust factor."""
+        lr_u = DEFAULT_LR if self._lr_u_given is None else self._lr_u_given
+        lr_w = DEFAULT_LR if self._lr_given is None else self._lr_given
+        return lr_u * self.step_scale, lr_w * self.step_scale
+
+    def mean_gap(self) -> float:
+        """||sum_n x_n - sum_m w_m u_m|| / N: zero whenever the coreset's weighted mean matches the data's."""
+        w, U = self.prior.w.double(), self.prior.U.double()
+        return float(torch.linalg.vector_norm(self.sum_x - w @ U) / self.n_data)
 
     def due(self, epoch: int) -> bool:
         return epoch % self.every == 0
@@ -443,6 +469,13 @@ class PseudocoresetOptimizer:
         U, w = self.prior.U, self.prior.w
         g = torch.Generator(device=U.device).manual_seed(step_seed(self.seed, 0, "probe"))
         z = self.sample_z(U, w, self.samples, g)
+        if self.objective == "exemplar":  # a step's work: the mixture and the encoder on U, both ways
+            with torch.enable_grad():
+                u = U.detach().requires_grad_(True)
+                log_p = kernels.mixture_logpdf(z, self.model.encode_flat(u)[0], torch.log(w / self.n_data),
+                                               self.prior.log_var.detach())
+                torch.autograd.grad(-log_p.sum(), u)
+            return
         rank, world = process_group()
         if world == 1:
             self.fused(U, w, z, g)
@@ -453,15 +486,10 @@ class PseudocoresetOptimizer:
     def update(self, epoch: int) -> dict:
         """One pseudocoreset update (the VAE frozen); returns floats logged as coreset_<key>."""
         t0 = time.perf_counter()
-        prior = self.prior
+        gap_before = self.mean_gap()
         with frozen(self.model):
-            out = fit(lambda x, z: self.likelihood.pairwise_log_prob(x, self.decode(z, 0, z.shape[0], None)),
-                      prior.U, prior.w, self.sample_z,
-                      lambda z: self.data_term(self.decode(z, 0, z.shape[0], None), None),
-                      n_data=self.n_data, steps=self.steps, samples=self.samples, seed=self.seed,
-                      schedule=self.schedule, lr_w=self.lr, lr_u=self.lr_u, domain=self.likelihood.domain,
-                      adam=self.adam, epoch=epoch, safeguard=self.safeguard, step_scale=self.step_scale,
-                      pieces=self.pieces, fused=self.fused)
+            out = self._fit_exemplar(epoch) if self.objective == "exemplar" else self._fit_posterior(epoch)
+        out["mean_gap_before"], out["mean_gap_after"] = gap_before, self.mean_gap()
         self.trace = out.pop("trace")
         self.step_seconds = out.pop("step_seconds")  # benchmarks read it
         self.updates += 1
@@ -472,19 +500,62 @@ class PseudocoresetOptimizer:
         seconds = time.perf_counter() - t0
         result = {**out, "rollbacks": float(self.rollbacks), "seconds": seconds,
                   "seconds_per_step": seconds / self.steps,
-                  "data_term_exact": float(self.mode == "exact"), "active": float((prior.w > 0).sum())}
+                  "data_term_exact": float(self.mode == "exact"), "active": float((self.prior.w > 0).sum())}
         self.history.append({"epoch": epoch, **result})
+        self._log_update(epoch, out, seconds)
+        return result
+
+    def _fit_posterior(self, epoch: int) -> dict:
+        """The paper's objective, KL(pi_Uw || pi_X) (eq. 17-19)."""
+        prior = self.prior
+        return fit(lambda x, z: self.likelihood.pairwise_log_prob(x, self.decode(z, 0, z.shape[0], None)),
+                   prior.U, prior.w, self.sample_z,
+                   lambda z: self.data_term(self.decode(z, 0, z.shape[0], None), None),
+                   n_data=self.n_data, steps=self.steps, samples=self.samples, seed=self.seed,
+                   schedule=self.schedule, lr_w=self.lr, lr_u=self.lr_u, domain=self.likelihood.domain,
+                   adam=self.adam, epoch=epoch, safeguard=self.safeguard, step_scale=self.step_scale,
+                   pieces=self.pieces, fused=self.fused)
+
+    def _fit_exemplar(self, epoch: int) -> dict:
+        """The Exemplar prior's cross-entropy (bype/coreset_exemplar.py); the training means encoded once."""
+        x = self.data.train_split().x
+        dev = self.prior.U.device
+
+        def rows(lo: int, hi: int) -> torch.Tensor:
+            return x[lo:hi].reshape(hi - lo, -1).to(dev).float() / 255.0
+
+        def encode(u: torch.Tensor) -> torch.Tensor:
+            return self.model.encode_flat(u)[0]
+
+        lr_u, lr_w = self.exemplar_lrs()
+        out = fit_exemplar(encode, self.prior.U, self.prior.w, all_means(encode, rows, x.shape[0]),
+                           self.prior.log_var, n_data=self.n_data, steps=self.steps, draws=self.samples,
+                           seed_of=lambda step: step_seed(self.seed, epoch, step), lr_u=lr_u, lr_w=lr_w,
+                           domain=self.likelihood.domain, safeguard=self.safeguard)
+        out.update(skipped_steps=0.0, weight_resets=0.0)
+        return out
+
+    def _log_update(self, epoch: int, out: dict, seconds: float) -> None:
+        gap = (f"weighted-mean gap {out['mean_gap_before']:.4g} -> {out['mean_gap_after']:.4g}, "
+               f"w in [{out['w_min']:.3g}, {out['w_max']:.3g}] (ESS {out['w_ess']:.1f}), "
+               f"|ΔU| {out['u_mean_abs_change']:.3g}, {self.steps} steps, {seconds:.2f} s")
+        if self.objective == "exemplar":
+            if out["rolled_back"]:
+                log.warning("coreset: epoch %d: update rolled back (held-out cross-entropy %.4f -> %.4f); %d so far",
+                            epoch, out["heldout_ce_before"], out["heldout_ce_after"], self.rollbacks)
+            log.info("coreset update at epoch %d: held-out cross-entropy to the Exemplar prior %.4f -> %.4f "
+                     "(gap to its own %.4f -> %.4f nats), %s", epoch, out["heldout_ce_before"],
+                     out["heldout_ce_after"], out["heldout_ce_gap_before"], out["heldout_ce_gap_after"], gap)
+            return
         if out["skipped_steps"]:
             log.warning("coreset: epoch %d: %d of %d steps skipped (non-finite gradients)", epoch,
                         out["skipped_steps"], self.steps)
         if out["rolled_back"]:
             log.warning("coreset: epoch %d: update rolled back (held-out ½Var(R) %.4g -> %.4g); %d so far", epoch,
                         out["heldout_half_var_before"], out["heldout_half_var_after"], self.rollbacks)
-        log.info("coreset update at epoch %d: held-out ½Var(R) %.4g -> %.4g, ESS %.1f -> %.1f of %d, "
-                 "w in [%.3g, %.3g] (ESS %.1f), |ΔU| %.3g, %d steps, %.2f s", epoch, out["heldout_half_var_before"],
-                 out["heldout_half_var_after"], out["heldout_ess_before"], out["heldout_ess_after"], self.samples,
-                 out["w_min"], out["w_max"], out["w_ess"], out["u_mean_abs_change"], self.steps, seconds)
-        return result
+        log.info("coreset update at epoch %d: held-out ½Var(R) %.4g -> %.4g, ESS %.1f -> %.1f of %d, %s", epoch,
+                 out["heldout_half_var_before"], out["heldout_half_var_after"], out["heldout_ess_before"],
+                 out["heldout_ess_after"], self.samples, gap)
 
     # --- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:

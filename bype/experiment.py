@@ -146,7 +146,7 @@ def load_grid(path: str, out_dir: Optional[str], extra: list[str]) -> Grid:
     out = out_dir or data.get("out_dir") or "runs/experiment"
     shared = _as_list(data.get("overrides"), f"{path}: overrides")
     here = os.path.dirname(os.path.abspath(path))
-    runs = []
+    rows = []
     for i, r in enumerate(data["runs"]):
         if not isinstance(r, dict) or not r.get("name"):
             raise ValueError(f"{path}: runs[{i}] needs a name")
@@ -155,11 +155,13 @@ def load_grid(path: str, out_dir: Optional[str], extra: list[str]) -> Grid:
             raise ValueError(f"{path}: runs[{i}]: unknown key {sorted(unknown)[0]!r} (known: name, config, overrides)")
         config = _relpath(os.path.join(here, r["config"])) if r.get("config") else None
         own = _as_list(r.get("overrides"), f"{path}: runs[{i}].overrides")
-        name = str(r["name"])
-        if seeds is None:
-            runs.append(RunSpec(name, config, [*shared, *own, *extra], out))
-        else:  # one run per seed, named NAME-sSEED, grouped into one row of the results
-            runs += [RunSpec(f"{name}-s{x}", config, [*shared, f"seed={x}", *own, *extra], out, name) for x in seeds]
+        rows.append((str(r["name"]), config, own))
+    if seeds is None:
+        runs = [RunSpec(name, config, [*shared, *own, *extra], out) for name, config, own in rows]
+    else:  # one run per seed, NAME-sSEED, grouped into one row of the results; seed-major, so that an
+        # interrupted grid holds whole seeds: every row of a finished seed can be compared pairwise
+        runs = [RunSpec(f"{name}-s{x}", config, [*shared, f"seed={x}", *own, *extra], out, name)
+                for x in seeds for name, config, own in rows]
     _check_names(runs)
     return Grid(data.get("title") or os.path.splitext(os.path.basename(path))[0], out, runs,
                 data.get("speed"), path, str(data.get("notes") or "").strip())
