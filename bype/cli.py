@@ -5,6 +5,7 @@
   bype train --check [--config FILE | --resume RUN_DIR] [key.sub=value ...]
                                                       validate config, data sizes and run directory; no training
   bype eval RUN_DIR [--samples S]                     importance-sampled test NLL, ELBO, kNN
+  bype eval RUN_DIR --priors own,random,exemplar      the test NLL under other priors, networks fixed
   bype sample RUN_DIR [--n N]                         Algorithm 1 samples as an image grid
   bype data prepare DATASET --src PATH --out DIR      write webdataset shards
   bype data repack SRC --out DIR                      one-sample-per-record shards -> block shards
@@ -85,22 +86,38 @@ def _print_report(report: dict, run_dir: str) -> None:
 
 
 def _cmd_eval(args) -> int:
+    import logging
+
     from bype import eval_memory
+    from bype.atomic import write_text_atomic
+    from bype.eval_priors import compare_priors, format_table, parse_priors
     from bype.evaluate import evaluate
     from bype.metrics import setup_logging
+    from bype.parallel.process_group import finish, init_distributed
     from bype.trainer import load_trained
 
+    log = logging.getLogger("bype")
+
     _positive_options(args, ("samples", "batch", "limit"))  # --limit 0 would evaluate nothing
-    setup_logging()
+    names = parse_priors(args.priors) if args.priors is not None else None
     cfg, data, model = load_trained(args.run_dir, args.checkpoint)
+    ctx = init_distributed(cfg)  # under torchrun every rank evaluates its slice of the test set
+    setup_logging(ctx.rank)
+    model.to(ctx.device)
     eval_memory.configure(args.memory_mb or cfg.eval.memory_mb)
-    report = evaluate(model, data.test, data.train_split(), args.samples, args.batch,
-                      [] if args.no_knn else cfg.eval.knn_k, limit=args.limit)
-    out = os.path.join(args.run_dir, f"eval_S{args.samples}.json")
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(json.dumps(report, indent=2))
-    print(f"written: {out}")
+    if names is not None:
+        report = compare_priors(model, data, names, args.samples, components=cfg.prior.components, seed=cfg.seed,
+                                max_rows=args.batch, limit=args.limit, ctx=ctx, log=log.info)
+        out, text = os.path.join(args.run_dir, "priors.json"), format_table(report)
+    else:
+        report = evaluate(model, data.test, data.train_split(), args.samples, args.batch,
+                          [] if args.no_knn else cfg.eval.knn_k, limit=args.limit, ctx=ctx)
+        out, text = os.path.join(args.run_dir, f"eval_S{args.samples}.json"), json.dumps(report, indent=2)
+    if ctx.is_main:
+        write_text_atomic(out, json.dumps(report, indent=2) + "\n")
+        print(text)
+        print(f"written: {out}")
+    finish(0)
     return 0
 
 
@@ -144,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="memory budget of the evaluation's chunks (default: the run's eval.memory_mb)")
             p.add_argument("--limit", type=int, default=None, help="evaluate the first N test examples")
             p.add_argument("--no-knn", action="store_true", help="skip the kNN accuracy")
+            p.add_argument("--priors", default=None, metavar="LIST",
+                           help="instead: the test NLL under each prior of a comma-separated list of own, uniform, "
+                                "random, kmeans, exemplar, the run's networks fixed (writes priors.json)")
         else:
             p.add_argument("--n", type=int, default=100)
             p.add_argument("--seed", type=int, default=0)

@@ -110,13 +110,14 @@ def fit_exemplar(encode: Callable[[torch.Tensor], torch.Tensor], U: torch.Tensor
         return cross_entropy(z_held, mu, torch.log(w.clamp_min(1e-30)) - log_n, log_var)
 
     z_held = draw("held-out")
-    ce_exemplar = cross_entropy(z_held, exemplar_means, torch.full((n_ex,), -math.log(n_ex), device=dev), log_var)
+    uniform = torch.full((n_ex,), -math.log(n_ex), device=dev, dtype=exemplar_means.dtype)
+    ce_exemplar = cross_entropy(z_held, exemplar_means, uniform, log_var)
     before = held_out_ce()
     U0, w0 = U.clone(), w.clone()
     a = domain_logit(U, domain).requires_grad_(True)
     b = torch.log(w.clamp_min(n_data * 1e-12)).requires_grad_(True)
     opt = torch.optim.Adam([{"params": [a], "lr": lr_u}, {"params": [b], "lr": lr_w}])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda j: 0.5 * (1.0 + math.cos(math.pi * j / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda j: 0.5 * (1.0 + math.cos(math.pi * j / max(steps, 1))))
     lo, hi = shard_range(draws, rank, world)
     trace, seconds = [], []
     for j in range(steps):
