@@ -23,6 +23,7 @@ import time
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 
 import kernels
 from bype.coreset_exemplar import all_means
@@ -139,34 +140,61 @@ def gap_closed(nll: dict) -> Optional[float]:
     return (nll["random"] - nll["own"]) / (nll["random"] - nll["exemplar"])
 
 
+class PriorTap(Prior):
+    """Stands in for the model's prior during one call: returns `own`'s log p(z) and records, for every
+    alternate prior, its log p(z) minus own's on the same z (float64)."""
+
+    kind = "tap"
+
+    def __init__(self, own: Prior, alternates: list[Prior]):
+        super().__init__()
+        self.own, self.alternates = own, nn.ModuleList(alternates)
+        self.deltas: list[torch.Tensor] = []
+
+    def log_prob(self, z, model, idx=None):
+        base = self.own.log_prob(z, model, idx)
+        self.deltas = [alt.log_prob(z, model).double() - base.double() for alt in self.alternates]
+        return base
+
+
+def log_weights_under(model, own: Prior, alternates: list[Prior]):
+    """`log_weights(x, k) -> [b, k, 1 + len(alternates)]`: the importance weights under `own` and each
+    alternate prior, on the same samples z (one encoder and decoder pass for all of them)."""
+    def log_weights(x: torch.Tensor, k: int) -> torch.Tensor:
+        tap = PriorTap(own, alternates)
+        model.prior = tap
+        try:
+            lw = model.log_weights_is(x, k).double()
+        finally:
+            model.prior = own
+        return torch.stack([lw, *(lw + d.view_as(lw) for d in tap.deltas)], -1)
+    return log_weights
+
+
 def compare_priors(model, data, names: list[str], n_samples: int, *, components: int, seed: int,
                    max_rows: Optional[int] = None, limit: Optional[int] = None, ctx=None,
                    log: Callable[[str], None] = print) -> dict:
-    """Test NLL of the frozen model under each prior in `names`; the model's own prior is restored after."""
+    """Test NLL of the frozen model under each prior in `names`, all on the same importance samples."""
     test = data.test.head(limit)
     if len(test) == 0:
         raise ValueError("--limit: no test examples to evaluate")
     own = model.prior
     model.eval()
-    rows = {}
-    try:
-        for name in names:
-            t0 = time.time()
-            model.prior = own  # k-means encodes the training set with the model as trained
-            prior = build_eval_prior(name, own, model, data, components, seed)
-            if isinstance(prior, FixedMixturePrior):
-                prior.components(model)  # collective under torchrun: every rank encodes here, in step
-            model.prior = prior
-            ll, _ = importance_sampled_ll(model, test, n_samples, max_rows, None, TEST, ctx)
-            rows[name] = {"test_nll": float(-ll.mean()), "components": prior.n_components,
-                          "seconds": round(time.time() - t0, 2)}
-            log(f"eval --priors: {name}: test NLL {rows[name]['test_nll']:.3f} ({prior.n_components} components, "
-                f"{rows[name]['seconds']:.0f} s)")
-    finally:
-        model.prior = own
+    t0 = time.time()
+    priors = {name: build_eval_prior(name, own, model, data, components, seed) for name in names}
+    for prior in priors.values():
+        if isinstance(prior, FixedMixturePrior):
+            prior.components(model)  # collective under torchrun: every rank encodes here, in step
+    alternates = [p for name, p in priors.items() if name != "own"]
+    log(f"eval --priors: {', '.join(names)} on {len(test)} test images, S = {n_samples}")
+    ll, _ = importance_sampled_ll(model, test, n_samples, max_rows, None, TEST, ctx,
+                                  log_weights=log_weights_under(model, own, alternates))
+    column = {"own": 0, **{name: i + 1 for i, name in enumerate(n for n in names if n != "own")}}
+    rows = {name: {"test_nll": float(-ll[:, column[name]].mean()), "components": priors[name].n_components}
+            for name in names}
     nll = {k: v["test_nll"] for k, v in rows.items()}
     return {"prior_kind": own.kind, "is_samples": n_samples, "n_test": len(test), "components": components,
-            "priors": rows, "gap_closed": gap_closed(nll)}
+            "priors": rows, "gap_closed": gap_closed(nll), "seconds": round(time.time() - t0, 2)}
 
 
 def format_table(result: dict) -> str:

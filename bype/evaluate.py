@@ -102,22 +102,27 @@ def validation_loss(model, data: Inputs, batch_size: Optional[int] = None, seed:
 
 @torch.no_grad()
 def importance_sampled_ll(model, data: Inputs, n_samples: int, max_rows: Optional[int] = None,
-                          progress=None, stream: int = TEST, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
+                          progress=None, stream: int = TEST, ctx=None,
+                          log_weights=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example IS estimate log (1/S) sum_s w_s and the ELBO estimate mean_s log w_s (all examples,
     on every rank; each rank computes its slice).
 
     A chunk holds as many (example x sample) rows as the memory budget allows, at most `max_rows`; when
-    fewer than S fit, an example's samples are split over several chunks.
+    fewer than S fit, an example's samples are split over several chunks. `log_weights(x, k)` replaces
+    `model.log_weights_is`; it may return [b, k, P] (P variants of the weights on the same samples, e.g.
+    under P priors: bype.eval_priors), and the results are then [n, P].
     """
     model.eval()
+    log_weights = log_weights or model.log_weights_is
     rank, world = _world(ctx)
     n = _count(data)
     lo, hi = shard_range(n, rank, world)
     ll, elbo = [], []
     with chunked_encoder(model, _encoder_chunk(model)):
         probe = chunk_inputs(model, data, 0, 1, stream)
-        rows = rows_within(lambda k: model.log_weights_is(probe, k), _device(model), "importance sampling",
+        rows = rows_within(lambda k: log_weights(probe, k), _device(model), "importance sampling",
                            cap=max_rows)
+        tail = tuple(log_weights(probe, 1).shape[2:])  # () or (P,)
         per_chunk, s_chunk = max(1, rows // n_samples), min(n_samples, rows)
         for a in range(lo, hi, per_chunk):
             b = min(a + per_chunk, hi)
@@ -127,7 +132,7 @@ def importance_sampled_ll(model, data: Inputs, n_samples: int, max_rows: Optiona
                 s1 = min(s0 + s_chunk, n_samples)
                 model.noise = IndexNoise(EVAL_SEED, stream, torch.arange(a, b), s0, s1)
                 try:
-                    pieces.append(model.log_weights_is(x, s1 - s0).double())
+                    pieces.append(log_weights(x, s1 - s0).double())
                 finally:
                     model.noise = None
             lw = torch.cat(pieces, 1)
@@ -135,7 +140,7 @@ def importance_sampled_ll(model, data: Inputs, n_samples: int, max_rows: Optiona
             elbo.append(lw.mean(1))
             if progress is not None:
                 progress(b - a)
-    empty = torch.zeros(0, dtype=torch.float64, device=_device(model))
+    empty = torch.zeros((0, *tail), dtype=torch.float64, device=_device(model))  # a rank without examples
     ll, elbo = (torch.cat(v) if v else empty for v in (ll, elbo))
     return gather_rows(ll, n, world), gather_rows(elbo, n, world)
 

@@ -43,7 +43,7 @@ from typing import Optional
 
 import yaml
 
-from bype.experiment_coreset import coreset_section, seed_table
+from bype.experiment_coreset import coreset_section, cost_ratio, paired_table, priors_table, seed_table
 
 # Published test log-likelihoods (nats, 40-d latent) of the Exemplar VAE paper (DESIGN section 3).
 PUBLISHED = {
@@ -493,7 +493,22 @@ def write_results(grid: Grid, results_path: str, command: str, speed: Optional[s
     by_seed = seed_table(results)
     if by_seed:
         out += ["## Over seeds", "", "Runs that differ only in their seed, as one row: mean ± sample standard "
-                "deviation over the finished seeds (n).", "", by_seed, ""]
+                "deviation over the finished seeds (n). Epochs to best: the epoch of the best validation -ELBO, "
+                "whose checkpoint is evaluated.", "", by_seed, ""]
+    paired = paired_table(results)
+    if paired:
+        out += ["## Paired by seed", "", "Each row's test NLL minus the first row's for the same seed (same "
+                "initialisation, data order and initial pseudodata); positive: the first row is better.", "",
+                paired, ""]
+    cost = cost_ratio(results)
+    if cost:
+        out += ["## Cost: Exemplar against ByPE", "", "Training wall clock per epoch (steps, validation and "
+                "coreset updates), mean over seeds; runs of one grid share the machine alike.", "", cost, ""]
+    priors = priors_table(results, _read_json)
+    if priors:
+        out += ["## The ceiling of any coreset", "", "`bype eval RUN --priors own,uniform,random,kmeans,exemplar`: "
+                "the test NLL of each run's networks, fixed, under other priors with the same random numbers "
+                "(docs/CORESET.md); gap_closed = (random - own) / (random - exemplar).", "", priors, ""]
     out += ["## Summary", "", summary_table(results), "",
             "## Beside the published numbers", "",
             "Published values are test log-likelihoods from the Exemplar VAE paper (40-d latent), copied from "
