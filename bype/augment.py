@@ -3,7 +3,7 @@
   bype augment RUN_DIR [--epochs 100] [--train-limit N] [--batch-size 100] [--seed 0] [--lr 1e-3]
                        [--dropout 0] [--checkpoint best|last] [--eval-every 10] [--device auto]
 
-The Exemplar VAE protocol (DESIGN section 3): an MLP 784-1024-1024-10 (ReLU) is trained twice with the same
+The Exemplar VAE paper's protocol: an MLP 784-1024-1024-10 (ReLU) is trained twice with the same
 seed, initialisation, data order and number of steps: on the real training images alone, and on each real
 minibatch together with one fresh generated image per real image. A generated image comes from the
 exemplar-based transition of its real image x: z ~ r(z|x) = N(mu(x), s2 I) with the prior's shared variance

@@ -1,4 +1,4 @@
-"""The pseudocoreset optimiser (DESIGN section 2, Algorithm 2; maths in docs/CORESET.md).
+"""The pseudocoreset optimiser (the paper's Algorithm 2; maths in docs/CORESET.md).
 
 With f(x, z) = log p(x|z), pi_X ∝ exp(sum_n f(x_n, z)) p0(z) and pi_Uw ∝ exp(sum_m w_m f(u_m, z)) p0(z),
 the pseudodata U and weights w minimise KL(pi_Uw || pi_X), whose gradients are covariances under pi_Uw

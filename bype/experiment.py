@@ -45,7 +45,7 @@ import yaml
 
 from bype.experiment_coreset import coreset_section, cost_ratio, paired_table, priors_table, seed_table
 
-# Published test log-likelihoods (nats, 40-d latent) of the Exemplar VAE paper (DESIGN section 3).
+# Published test log-likelihoods (nats, 40-d latent) of the Exemplar VAE paper (Norouzi et al., 2020, Table 1).
 PUBLISHED = {
     ("vae", "gaussian"): {"mnist": -84.45, "fashion-mnist": -228.70},
     ("vae", "vampprior"): {"mnist": -82.43, "fashion-mnist": -227.35},
@@ -512,7 +512,7 @@ def write_results(grid: Grid, results_path: str, command: str, speed: Optional[s
     out += ["## Summary", "", summary_table(results), "",
             "## Beside the published numbers", "",
             "Published values are test log-likelihoods from the Exemplar VAE paper (40-d latent), copied from "
-            "DESIGN section 3 and marked *published*; ours is minus our test NLL. Differences in budget (the "
+            "the Exemplar VAE paper (Norouzi et al., 2020) and marked *published*; ours is minus our test NLL. Differences in budget (the "
             "paper trains up to 4000 epochs with early stopping) and in S make small gaps expected.", "",
             published_table(results), ""]
     plots = plot_curves(results, assets)

@@ -1,4 +1,4 @@
-"""Fused pseudocoreset gradients of KL(pi_Uw || pi_X) (DESIGN section 2).
+"""Fused pseudocoreset gradients of KL(pi_Uw || pi_X) (eq. 18-19 of the ByPE-VAE paper).
 
 Given pseudodata ``U [M, D]``, weights ``w [M]``, decoder parameters ``params [S, P, D]`` at
 samples ``z_1..z_S`` and the data term ``data_term[s] = sum_n log p(x_n | z_s)``::

@@ -1,4 +1,4 @@
-"""Pure-torch pieces of the pseudocoreset gradient (DESIGN section 2) and its unfused reference.
+"""Pure-torch pieces of the pseudocoreset gradient (eq. 18-19 of the ByPE-VAE paper) and its unfused reference.
 
 Likelihood f(x, z) = log p(x | z), summed over pixels d:
 
@@ -54,7 +54,7 @@ def log_prob_elementwise(x: Tensor, params: Tensor, likelihood: str) -> Tensor:
 
 
 def coreset_grads_reference(U: Tensor, w: Tensor, params: Tensor, data_term: Tensor, likelihood: str):
-    """The Monte Carlo estimator of DESIGN section 2, written literally: materialises
+    """The Monte Carlo estimator of eq. 18-19, written literally: materialises
     ``M x S x D`` and takes grad_u f by autograd (per element). For tests at small sizes."""
     M, D = U.shape
     S = params.shape[0]

@@ -13,7 +13,7 @@ DEFAULT_ROOTS = {
     "fashion-mnist": "/usr/share/datasets/fashion-mnist",
     "mnist": "/usr/share/datasets/mnist",
 }
-N_VAL = 10000  # the last 10k of the official training set (DESIGN section 3)
+N_VAL = 10000  # the last 10k of the official training set, the split of the reference code
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Decoder likelihoods p(x|z) over flattened images x in [0, 1]^D.
 
 `params` always has shape [B, P, D] (P parameter planes per pixel). Besides the per-example
-log-probability each likelihood exposes what the pseudocoreset optimiser needs (DESIGN section 2):
+log-probability each likelihood exposes what the pseudocoreset optimiser needs (docs/CORESET.md):
 pairwise log-probabilities, additive sufficient statistics with an exact data term, and the gradient
 of log p(u|z) with respect to u contracted against per-sample coefficients.
 """

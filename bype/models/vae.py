@@ -1,4 +1,4 @@
-"""Architectures (DESIGN section 3): VAE (gated MLP), HVAE (two latent levels), ConvHVAE.
+"""Architectures of the ByPE-VAE and Exemplar VAE reference code (docs/ARCHITECTURE.md): VAE (gated MLP), HVAE (two latent levels), ConvHVAE.
 
 All share `VAEBase`: the prior sits on the top latent, whose posterior mean network mu(.) also gives
 the mixture components mu(u) of the ByPE and Exemplar priors.
@@ -199,7 +199,7 @@ class HVAE(HierarchicalBase):
 
 
 def _conv_encoder(c_in: int) -> nn.Sequential:
-    # Kernels 7,3,5,3,3; strides 1,2,1,2,1; channels 32-32-64-64-6 (DESIGN section 3).
+    # Kernels 7,3,5,3,3; strides 1,2,1,2,1; channels 32-32-64-64-6, as in the reference code.
     spec = [(c_in, 32, 7, 1), (32, 32, 3, 2), (32, 64, 5, 1), (64, 64, 3, 2), (64, 6, 3, 1)]
     return nn.Sequential(*[GatedConv2d(i, o, k, s, k // 2) for i, o, k, s in spec])
 
