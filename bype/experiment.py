@@ -511,9 +511,9 @@ def write_results(grid: Grid, results_path: str, command: str, speed: Optional[s
                 "(docs/CORESET.md); gap_closed = (random - own) / (random - exemplar).", "", priors, ""]
     out += ["## Summary", "", summary_table(results), "",
             "## Beside the published numbers", "",
-            "Published values are test log-likelihoods from the Exemplar VAE paper (40-d latent), copied from "
-            "the Exemplar VAE paper (Norouzi et al., 2020) and marked *published*; ours is minus our test NLL. Differences in budget (the "
-            "paper trains up to 4000 epochs with early stopping) and in S make small gaps expected.", "",
+            "Published values are test log-likelihoods from the Exemplar VAE paper (Norouzi et al., 2020; 40-d "
+            "latent), marked *published*; ours is minus our test NLL. Differences in budget (the paper trains up "
+            "to 4000 epochs with early stopping) and in S make small gaps expected.", "",
             published_table(results), ""]
     plots = plot_curves(results, assets)
     if plots:
