@@ -24,7 +24,7 @@ from typing import Optional
 
 def _subcommand_modules(package: str) -> list[str]:
     pkg = importlib.import_module(package)
-    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_") and not m.ispkg)
 
 
 def _cmd_train(args) -> int:
@@ -88,10 +88,10 @@ def _print_report(report: dict, run_dir: str) -> None:
 def _cmd_eval(args) -> int:
     import logging
 
-    from bype import eval_memory
+    from bype import memory
     from bype.atomic import write_text_atomic
-    from bype.eval_priors import compare_priors, format_table, parse_priors
-    from bype.evaluate import evaluate
+    from bype.eval.priors import compare_priors, format_table, parse_priors
+    from bype.eval.evaluate import evaluate
     from bype.metrics import setup_logging
     from bype.parallel.process_group import finish, init_distributed
     from bype.trainer import load_trained
@@ -104,7 +104,7 @@ def _cmd_eval(args) -> int:
     ctx = init_distributed(cfg)  # under torchrun every rank evaluates its slice of the test set
     setup_logging(ctx.rank)
     model.to(ctx.device)
-    eval_memory.configure(args.memory_mb or cfg.eval.memory_mb)
+    memory.configure(args.memory_mb or cfg.eval.memory_mb)
     if names is not None:
         report = compare_priors(model, data, names, args.samples, components=cfg.prior.components, seed=cfg.seed,
                                 max_rows=args.batch, limit=args.limit, ctx=ctx, log=log.info)
@@ -122,7 +122,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_sample(args) -> int:
-    from bype.sampling import save_samples
+    from bype.eval.pictures import save_samples
     from bype.trainer import load_trained
 
     _positive_options(args, ("n",))
@@ -183,9 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
             module.add_arguments(vp)
             vp.set_defaults(func=module.run)
 
-    for extra in ("augment", "experiment"):
+    for extra, path in (("augment", "bype.eval.augment"), ("experiment", "bype.experiment")):
         try:
-            module = importlib.import_module(f"bype.{extra}")
+            module = importlib.import_module(path)
         except ImportError:
             continue
         p = sub.add_parser(extra, help=(module.__doc__ or "").strip().splitlines()[0])
@@ -195,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from bype.atomic import DiskError
     from bype.checkpoint import CheckpointError
     from bype.config import ConfigError
     from bype.parallel.process_group import ReplicaMismatchError
@@ -202,8 +203,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError, ReplicaMismatchError,
-            FloatingPointError) as e:
+    except (ConfigError, CheckpointError, DiskError, FileExistsError, FileNotFoundError, ValueError,
+            ReplicaMismatchError, FloatingPointError) as e:
         if os.environ.get("BYPE_DEBUG"):
             raise
         print(f"bype: error: {e}", file=sys.stderr)

@@ -106,7 +106,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     is_samples: int = 500  # importance samples per test example (paper: 5000; `bype eval` default 5000)
-    memory_mb: float = 2048  # memory budget of evaluation's chunks (bype/eval_memory.py), beside the model
+    memory_mb: float = 2048  # memory budget of evaluation's chunks (bype/memory.py), beside the model
     is_batch: int = 50000  # upper bound on examples x samples in one chunk; the memory budget decides below it
     knn_k: list = field(default_factory=lambda: [3, 5, 7, 9, 11, 13, 15])
     n_samples_grid: int = 100  # images in samples.png

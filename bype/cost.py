@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from bype.coreset import frozen
+from bype.coreset.optimizer import frozen
 from bype.device_sync import synchronize as _sync
 
 log = logging.getLogger("bype")

@@ -6,20 +6,24 @@ there until the run's first checkpoint, a failure (error, Ctrl-C) puts the direc
 byte: what the start created is removed (the directory itself if it created it), config.yaml and
 metrics.jsonl get their old bytes back. After a checkpoint the run has made progress and keeps it.
 report.json is written only by a run that finished, atomically, so a failing run never replaces it.
+A disk that refuses a file of the run (full, read-only, no permission) ends it in one line naming the file
+(atomic.DiskError), with the previous checkpoint kept.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 from typing import Optional
 
 import yaml
 
-from bype.atomic import write_text_atomic
+from bype.atomic import FAULTS, DiskError, disk_error, write_text_atomic
 from bype.parallel.process_group import barrier
 from bype.metrics import truncate_metrics
 
+log = logging.getLogger("bype")
 REWRITTEN = ("config.yaml", "metrics.jsonl")  # existing files a start rewrites before its first checkpoint
 CHECKPOINT = "last.pt"  # a new one means the run made progress
 
@@ -83,17 +87,46 @@ class RunDirectory:
         records after `epoch` (those of a run that died before its next checkpoint)."""
         if self.is_main:
             self._before = _Snapshot(self.path)
-            os.makedirs(self.path, exist_ok=True)
-            truncate_metrics(self.path, epoch)
-            write_text_atomic(os.path.join(self.path, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
+            try:  # a directory that refuses config.yaml (read-only, full) gets its metrics.jsonl back
+                os.makedirs(self.path, exist_ok=True)
+                truncate_metrics(self.path, epoch)
+                write_text_atomic(os.path.join(self.path, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
+            except BaseException as e:
+                self._restore()
+                self._raise_disk_fault(e, "the run directory is as it was")
+                raise
         barrier()
 
     @contextlib.contextmanager
     def guard(self):
-        """Around training: a failure before the run's first checkpoint restores the directory."""
+        """Around training: a failure before the run's first checkpoint restores the directory. An OSError
+        on a file of the run (metrics.jsonl on a file system remounted read-only) becomes one line."""
         try:
             yield
-        except BaseException:
-            if self._before is not None and not self._before.progressed():
-                self._before.restore()
+        except BaseException as e:
+            restored = self._before is not None and not self._before.progressed()
+            if restored:
+                self._restore()
+            has_checkpoint = os.path.exists(os.path.join(self.path, CHECKPOINT))
+            self._raise_disk_fault(e, "the run directory is as it was" if restored or not has_checkpoint
+                                   else "the previous checkpoint is kept")
             raise
+
+    def _raise_disk_fault(self, error: BaseException, kept: str) -> None:
+        """Raise `error` as a DiskError (one line on the command line) if the disk refused a file of this run.
+        Errors that name no file (a full disk seen at a write's flush) are left as they are: the line could
+        not say which file."""
+        if isinstance(error, DiskError) or not isinstance(error, OSError) or error.errno not in FAULTS \
+                or not error.filename:
+            return
+        root = os.path.abspath(self.path) + os.sep
+        if os.path.abspath(os.fsdecode(error.filename)).startswith(root):
+            raise disk_error(os.fsdecode(error.filename), error, None, kept) from error
+
+    def _restore(self) -> None:
+        """Put the directory back; a disk that refused the run's write may refuse this too, and then the run's
+        own error (the one line the user sees) must not be replaced by this one."""
+        try:
+            self._before.restore()
+        except OSError as e:
+            log.warning("%s: could not put the run directory back as it was (%s)", self.path, e)

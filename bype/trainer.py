@@ -23,9 +23,9 @@ from bype.config import Config, config_from_dict, to_dict
 from bype.data import DataBundle, device_batches, load_data
 from bype.parallel.process_group import DistContext, all_reduce_sum, barrier, broadcast, check_replicated, init_distributed
 from bype.parallel.engines import build_engine
-from bype import eval_memory
+from bype import memory
 from bype.cost import estimate_costs
-from bype.evaluate import evaluate, validation_loss
+from bype.eval.evaluate import evaluate, validation_loss
 from bype.metrics import MetricsWriter, Progress, read_metrics, setup_logging
 from bype.models import build_model
 from bype.models.noise import RowNoise
@@ -33,7 +33,7 @@ from bype.optim import set_learning_rate
 from bype.preflight import check_start
 from bype.atomic import write_text_atomic
 from bype.rundir import RunDirectory
-from bype.sampling import save_coreset, save_curves, save_samples
+from bype.eval.pictures import save_coreset, save_curves, save_samples
 from bype.step_stats import EpochStats
 
 log = logging.getLogger("bype")
@@ -79,7 +79,7 @@ class Trainer:
         check_start(cfg, resume, self.ctx.world_size)
         self.rundir = RunDirectory(self.run_dir, self.ctx.is_main)
         seed_everything(cfg.seed)  # the same seed on every rank: identical initialisation everywhere
-        eval_memory.configure(cfg.eval.memory_mb)
+        memory.configure(cfg.eval.memory_mb)
 
         self.data: DataBundle = load_data(cfg, self.ctx.rank, self.ctx.world_size)
         bank = self.data.train_split().x.flatten(1) if cfg.prior.kind == "exemplar" else None
@@ -113,7 +113,7 @@ class Trainer:
             return None
         from bype.coreset import PseudocoresetOptimizer
 
-        return PseudocoresetOptimizer.from_config(self.cfg, self.model, self.data, self.ctx)
+        return PseudocoresetOptimizer.from_config(self.cfg, self.model, self.data)
 
     def _kernel_impl(self) -> str:
         import kernels

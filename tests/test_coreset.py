@@ -7,15 +7,15 @@ import os
 import pytest
 import torch
 
-import bype.coreset as coreset
+import bype.coreset.gradients as coreset_gradients
+import bype.coreset.optimizer as coreset_optimizer
 from bype import checkpoint
 from bype.config import load_config
 from bype.coreset import (Adam, PseudocoresetOptimizer, kl_estimate, kl_gradients, likelihood_gradients,
                           project_weights)
-from bype.coreset_data import ExactDataTerm, MinibatchDataTerm, stream_stats
+from bype.coreset.data_term import ExactDataTerm, MinibatchDataTerm, stream_stats
 from bype.data import load_data, split_stats
 from bype.data.memory import load_idx_dataset
-from bype.parallel.process_group import DistContext
 from bype.models import build_model
 from bype.models.likelihoods import Bernoulli, DiscretizedLogistic, Gaussian
 from bype.trainer import train
@@ -152,7 +152,7 @@ def test_chunked_autograd_path_equals_generic_one(monkeypatch):
     U, w, params, data_term = _case(lik)
     z = torch.zeros(params.shape[0], 1)
     ref_U, ref_w = kl_gradients(lambda x, _: lik.pairwise_log_prob(x, params), U, w, z, data_term)
-    monkeypatch.setattr(coreset, "AUTOGRAD_CHUNK", 2 * params.shape[0] * U.shape[1])  # 2 rows per chunk
+    monkeypatch.setattr(coreset_gradients, "AUTOGRAD_CHUNK", 2 * params.shape[0] * U.shape[1])  # 2 rows per chunk
     grad_U, grad_w, _ = likelihood_gradients(lik, U, w, params, data_term, path="autograd")
     assert ref_U.abs().max() > 1e-3
     torch.testing.assert_close(grad_U, ref_U)
@@ -231,7 +231,7 @@ def test_minibatch_rank_shares_add_up_to_the_single_process_estimate(fmnist_trai
 
 
 # --- the optimiser on a real (small) VAE --------------------------------------------------------------
-def make_optimizer(tmp_path, *overrides, ctx=None):
+def make_optimizer(tmp_path, *overrides):
     cfg = load_config(None, [f"out_dir={tmp_path}", "data.train_limit=600", "data.eval_limit=100",
                              "model.hidden=48", "model.latent_dim=6", "prior.components=12", "coreset.steps=6",
                              "coreset.samples=16", "coreset.every=1", *overrides])
@@ -240,7 +240,7 @@ def make_optimizer(tmp_path, *overrides, ctx=None):
     model = build_model(cfg, data.input_shape)
     model.prior.init_from_data(data.init_rows(model.prior.n_components, torch.Generator().manual_seed(0)),
                                data.n_train)
-    return PseudocoresetOptimizer.from_config(cfg, model, data, ctx or DistContext()), model
+    return PseudocoresetOptimizer.from_config(cfg, model, data), model
 
 
 def assert_invariants(model, n_data):
@@ -281,13 +281,13 @@ def test_constraints_hold_after_every_update(tmp_path, overrides):
 def test_weights_pushed_negative_are_clamped_not_renormalised(tmp_path, monkeypatch):
     opt, model = make_optimizer(tmp_path, "coreset.schedule=reference", "coreset.lr=1000",  # a first step of 1000 on w
                                 "coreset.safeguard=false")  # keep the update: its projection is under test
-    real = coreset.likelihood_gradients
+    real = coreset_optimizer.likelihood_gradients
 
     def adversarial(*args, **kwargs):  # push the first half of the weights far below zero
         grad_U, grad_w, R_c = real(*args, **kwargs)
         return grad_U, torch.where(torch.arange(12) < 6, 1e6, -1e6).to(grad_w), R_c
 
-    monkeypatch.setattr(coreset, "likelihood_gradients", adversarial)
+    monkeypatch.setattr(coreset_optimizer, "likelihood_gradients", adversarial)
     opt.steps = 1
     out = opt.update(1)
     assert_invariants(model, 600)
@@ -376,8 +376,7 @@ def _ddp_worker(rank, world, init_file, tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     for mode in MODES:
-        opt, model = make_optimizer(tmp_path, f"coreset.data_term={mode}", "coreset.safeguard=false",
-                                    ctx=DistContext(rank, world))
+        opt, model = make_optimizer(tmp_path, f"coreset.data_term={mode}", "coreset.safeguard=false")
         out = opt.update(1)
         torch.save({"U": model.prior.U, "w": model.prior.w, "kl": out["heldout_half_var_after"]}, tmp_path / f"{mode}{rank}.pt")
     dist.barrier()

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-import bype.coreset as coreset
-from bype.coreset import Adam, fit, kl_gradients
-from bype.coreset_estimate import diagnostics
+import bype.coreset.optimizer as coreset_optimizer
+from bype.coreset import Adam, FitOptions, fit, kl_gradients
+from bype.coreset.estimate import diagnostics
 
 F64 = torch.float64
 
@@ -53,9 +53,10 @@ class LinearGaussian:
 PROBLEMS = {"small": dict(n=1000, d=3, scale=1.0, t=1.0), "large": dict(n=100_000, d=5, scale=10.0, t=3.0)}
 
 
-def _fit(lg, U, w, **kwargs):
-    kwargs = {"steps": 500, "samples": 32, "safeguard": False} | kwargs
-    return fit(lg.loglik, U, w, lg.sample_z, lg.data_term, n_data=lg.n, **kwargs)
+def _fit(lg, U, w, adam=None, fused=None, **options):
+    options = {"steps": 500, "samples": 32, "safeguard": False} | options
+    return fit(lg.loglik, U, w, lg.sample_z, lg.data_term, n_data=lg.n, options=FitOptions(**options), adam=adam,
+               fused=fused)
 
 
 @pytest.mark.parametrize("name", sorted(PROBLEMS))
@@ -152,23 +153,24 @@ def test_fit_names_bad_arguments():
     with pytest.raises(ValueError, match="coreset.schedule: 'adagrad' is not one of scaled, reference"):
         _fit(lg, U, w, schedule="adagrad")
     with pytest.raises(ValueError, match=r"loglik\(U, z\): expected \[M, S\]=\[5, 64\], got \[64, 5\]"):
-        fit(lambda x, z: lg.loglik(x, z).T, U, w, lg.sample_z, lg.data_term, n_data=lg.n, steps=1, samples=64)
+        fit(lambda x, z: lg.loglik(x, z).T, U, w, lg.sample_z, lg.data_term, n_data=lg.n,
+            options=FitOptions(steps=1, samples=64))
 
 
 def test_optimizer_counts_rollbacks_and_shrinks_its_steps(tmp_path, monkeypatch):
     from test_coreset import make_optimizer
 
     opt, model = make_optimizer(tmp_path)
-    real = coreset.likelihood_gradients
+    real = coreset_optimizer.likelihood_gradients
 
     def ascent(*args, **kwargs):
         grad_U, grad_w, R_c = real(*args, **kwargs)
         return -grad_U, -grad_w, R_c
 
-    monkeypatch.setattr(coreset, "likelihood_gradients", ascent)
+    monkeypatch.setattr(coreset_optimizer, "likelihood_gradients", ascent)
     U0, w0 = model.prior.U.clone(), model.prior.w.clone()
     out = opt.update(1)
     assert out["rolled_back"] == 1.0 and out["rollbacks"] == 1.0 and opt.rollbacks == 1
     assert torch.equal(model.prior.U, U0) and torch.equal(model.prior.w, w0) and opt.adam.t == 0
-    assert out["step_scale"] == 1.0 and opt.step_scale == pytest.approx(coreset.STEP_SHRINK)
+    assert out["step_scale"] == 1.0 and opt.step_scale == pytest.approx(coreset_optimizer.STEP_SHRINK)
     assert opt.state_dict()["rollbacks"] == 1

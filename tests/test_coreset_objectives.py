@@ -9,7 +9,7 @@ import torch
 
 from bype.config import load_config
 from bype.coreset import likelihood_gradients
-from bype.coreset_exemplar import all_means, cross_entropy, fit_exemplar
+from bype.coreset.exemplar import all_means, cross_entropy, fit_exemplar
 from bype.models.likelihoods import Bernoulli, DiscretizedLogistic, Gaussian
 from bype.seeds import derive_seed
 from bype.trainer import train

@@ -4,8 +4,8 @@ import math
 import pytest
 
 from bype.config import load_config
-from bype.parallel.cost_model import Device, allreduce_seconds, efficiency, predict
-from bype.parallel.flops import OPTIMIZER_BYTES_PER_PARAM, model_profile
+from bype.bench.perf.cost_model import Device, allreduce_seconds, efficiency, predict
+from bype.bench.perf.flops import OPTIMIZER_BYTES_PER_PARAM, model_profile
 
 DEV = Device("test", flops=1e12, tau=1e-6, mem_bw=1e11, link_in=1e10, link_out=1e9, per_node=4, alpha=0.0)
 PROFILE = {"flops_batch": 4e9, "flops_prior": 6e9, "ops": 300, "allreduce_bytes": 4e6,
@@ -63,7 +63,7 @@ def test_a_compiled_step_is_counted_like_the_eager_one():
 
     from bype.compiled_loss import CompiledLoss
     from bype.models import build_model
-    from bype.parallel.flops import count_step
+    from bype.bench.perf.flops import count_step
 
     torch.manual_seed(0)
     model = build_model(load_config(None, ["model.hidden=30", "model.latent_dim=4", "prior.components=10"]),

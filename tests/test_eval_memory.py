@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from bype import eval_memory
+from bype import memory
 from bype.bench.speed import MemoryMeter
 from bype.config import load_config
 from bype.data.memory import Split
-from bype.evaluate import evaluate, importance_sampled_ll, validation_loss
+from bype.eval.evaluate import evaluate, importance_sampled_ll, validation_loss
 from bype.models import build_model
 
 from tests.helpers import tiny_config
@@ -36,7 +36,7 @@ def photo_crops(n: int, hw=CELEBA_HW) -> torch.Tensor:
 
 
 def test_tensor_peak_counts_live_storages():
-    meter = eval_memory.TensorPeak()
+    meter = memory.TensorPeak()
     with meter:
         a = torch.ones(1000, 1000)  # 4 MB
         b = a * 2  # 8 MB live
@@ -52,11 +52,11 @@ def test_rows_follow_the_budget_and_the_cap():
         return torch.zeros(n, 2**18)
 
     cpu = torch.device("cpu")
-    rows = eval_memory.rows_within(run, cpu, "test", budget=100 * 2**20)
-    assert rows == int(eval_memory.SAFETY * 100)  # the linear fit recovers 1 MB per row exactly
-    assert eval_memory.rows_within(run, cpu, "test", cap=7, budget=100 * 2**20) == 7
-    with pytest.raises(eval_memory.EvalMemoryError, match="eval.memory_mb"):
-        eval_memory.rows_within(run, cpu, "test", budget=2**19)
+    rows = memory.rows_within(run, cpu, "test", budget=100 * 2**20)
+    assert rows == int(memory.SAFETY * 100)  # the linear fit recovers 1 MB per row exactly
+    assert memory.rows_within(run, cpu, "test", cap=7, budget=100 * 2**20) == 7
+    with pytest.raises(memory.EvalMemoryError, match="eval.memory_mb"):
+        memory.rows_within(run, cpu, "test", budget=2**19)
 
 
 def test_chunking_changes_memory_not_results(tmp_path, fmnist_root):
@@ -97,7 +97,7 @@ def test_one_evaluation_of_celeba_sized_photos_stays_within_the_budget(tmp_path)
     model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     n_samples = 100  # unchunked: 100 rows x ~116k pixels and a dozen [rows, D] temporaries, over 500 MB
 
-    eval_memory.configure(budget_mb)
+    memory.configure(budget_mb)
     try:
         _release_free_heap()
         meter = MemoryMeter(torch.device("cpu"))
@@ -106,11 +106,11 @@ def test_one_evaluation_of_celeba_sized_photos_stays_within_the_budget(tmp_path)
         report = evaluate(model, test, reference, n_samples, None, [1], log=lambda *_: None)
         _, added_mb = meter.read()
     finally:
-        eval_memory.configure(eval_memory.DEFAULT_MEMORY_MB)
+        memory.configure(memory.DEFAULT_MEMORY_MB)
     assert np.isfinite(report["test_nll"]) and report["bits_per_dim"] > 0
     # The budget bounds the chunks; beside them live the model, one chunk's inputs and the per-example results.
     allowed_mb = budget_mb + model_bytes / 2**20 + 32
     assert added_mb <= allowed_mb, f"evaluation added {added_mb:.0f} MB resident, budget {budget_mb} MB"
-    rows = eval_memory.rows_within(lambda k: model.log_weights_is(photos[:1].reshape(1, -1).float() / 255, k),
+    rows = memory.rows_within(lambda k: model.log_weights_is(photos[:1].reshape(1, -1).float() / 255, k),
                                    torch.device("cpu"), "check", budget=budget_mb * 2**20)
     assert rows < n_samples / 4  # the budget did cut the work into several chunks per example

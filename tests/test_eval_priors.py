@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bype.cli import main
-from bype.eval_priors import gap_closed, parse_priors
+from bype.eval.priors import gap_closed, parse_priors
 from tests.helpers import TINY
 
 EPS32 = torch.finfo(torch.float32).eps

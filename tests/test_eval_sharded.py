@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bype.config import load_config
-from bype.evaluate import evaluate, validation_loss
+from bype.eval.evaluate import evaluate, validation_loss
 from bype.trainer import Trainer
 from tests.helpers import TINY
 from tests.test_distributed import TORCHRUN, run
@@ -21,7 +21,7 @@ DRIVER = """
 import json, sys
 from bype.config import load_config
 from bype.parallel.process_group import finish
-from bype.evaluate import evaluate, validation_loss
+from bype.eval.evaluate import evaluate, validation_loss
 from bype.trainer import Trainer
 trainer = Trainer(load_config(None, sys.argv[2:]))
 val = validation_loss(trainer.model, trainer.data.val, ctx=trainer.ctx)

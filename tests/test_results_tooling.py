@@ -133,7 +133,7 @@ def test_augment_trains_the_classifier_and_is_collected(experiment):
 
 
 def test_augmenter_uses_the_priors_shared_variance(experiment):
-    from bype.augment import ExemplarAugmenter
+    from bype.eval.augment import ExemplarAugmenter
     from bype.trainer import load_trained
 
     _, _, tmp = experiment

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from bype.coreset import step_seed
+from bype.coreset.posterior import step_seed
 from bype.models.noise import RowNoise
 from bype.seeds import derive_seed
 

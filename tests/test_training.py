@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bype import checkpoint
-from bype.evaluate import importance_sampled_ll, model_inputs
+from bype.eval.evaluate import importance_sampled_ll, model_inputs
 from bype.trainer import Trainer, load_run_config, train
 from tests.helpers import tiny_config
 

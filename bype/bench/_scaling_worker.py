@@ -16,7 +16,7 @@ import torch.distributed as dist
 from bype.config import load_config
 from bype.parallel.process_group import finish
 from bype.models.noise import RowNoise
-from bype.parallel.flops import _OpCounter, step_profile
+from bype.bench.perf.flops import _OpCounter, step_profile
 from bype.trainer import Trainer
 
 

@@ -97,7 +97,7 @@ def time_row(args, split, stats: dict, mode: str, device: torch.device) -> dict:
 
 
 def run(args) -> int:
-    from bype.coreset_data import stream_stats
+    from bype.coreset.data_term import stream_stats
     from bype.data.memory import load_idx_dataset
 
     if args.threads:

@@ -3,8 +3,8 @@
   bype bench costmodel [--world 1,2,4,8,16,32,64] [--precision fp32|bf16] [--out DIR] [--plot FILE]
 
 Profiles two models in this process (FlopCounterMode and an operator count on a few random rows, scaled:
-bype.parallel.flops.model_profile): the Fashion-MNIST VAE and the CelebA ConvHVAE, both with the ByPE
-prior (M = 500) at the reference's batch of 100. Then applies the formula of bype.parallel.cost_model with
+bype.bench.perf.flops.model_profile): the Fashion-MNIST VAE and the CelebA ConvHVAE, both with the ByPE
+prior (M = 500) at the reference's batch of 100. Then applies the formula of bype.bench.perf.cost_model with
 an H100 node's figures (8 GPUs on NVLink, InfiniBand between nodes) for the prior's encodings sharded
 (this design) and replicated on every rank (the design before it), at a fixed global batch of 100 (strong
 scaling) and at 100 rows per rank (weak scaling). Writes DIR/costmodel.json, DIR/costmodel.md and a plot.
@@ -30,13 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def profiles(batch: int) -> dict:
     from bype.config import load_config
-    from bype.parallel.flops import model_profile
+    from bype.bench.perf.flops import model_profile
 
     return {name: model_profile(load_config(path, []), shape, batch) for name, (path, shape) in MODELS.items()}
 
 
 def predictions(profs: dict, dev, worlds: list[int]) -> list[dict]:
-    from bype.parallel.cost_model import efficiency, predict
+    from bype.bench.perf.cost_model import efficiency, predict
 
     rows = []
     for name, prof in profs.items():
@@ -100,7 +100,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def run(args) -> int:
-    from bype.parallel.cost_model import H100_BF16, H100_FP32, device_dict
+    from bype.bench.perf.cost_model import H100_BF16, H100_FP32, device_dict
 
     worlds = [int(w) for w in args.world.split(",")]
     dev = H100_FP32 if args.precision == "fp32" else H100_BF16

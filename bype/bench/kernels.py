@@ -214,7 +214,7 @@ def _back_to_back(fn, device, repeats: int) -> tuple[float, float]:
 def _peak_bytes(fn, device) -> tuple[int | None, str]:
     """Extra memory of one call, and how it was measured."""
     if device.type == "cuda":
-        from bype.eval_memory import cuda_peak_bytes
+        from bype.memory import cuda_peak_bytes
         return cuda_peak_bytes(fn, device), "cuda_max_allocated"
     before = _status_kb("VmRSS")
     if before is None or not _reset_hwm():

@@ -17,7 +17,7 @@ whole sequence R times so that both see the same load. Per run:
 - coreset s: one update; eval s: the rest of an epoch (validation, the loss all-reduce);
 - per-rank GFLOP: one step on rank 0, counted by FlopCounterMode in a separate short torchrun job
   (`bype.bench._scaling_worker`, DDP) that also measures this machine's matmul rate, time per operator,
-  memory bandwidth and gloo all-reduce time: the inputs of the cost model (bype.parallel.cost_model),
+  memory bandwidth and gloo all-reduce time: the inputs of the cost model (bype.bench.perf.cost_model),
   whose predicted step time is printed beside the measured one.
 - coreset s: one update (each rank evaluates its S / W share of the samples and the sums are
   all-reduced, docs/CORESET.md; on a CPU each rank also has fewer threads).
@@ -154,8 +154,8 @@ def _mean(rows: list[dict]) -> dict:
 
 def predicted_seconds(one: dict, rank: dict, nproc: int, sharded: bool) -> float:
     """The cost model with this machine's measured figures (`rank`, from the counting job of this run) applied
-    to the one-process profile `one`: the prediction `bype.parallel.cost_model` makes for H100s, made here."""
-    from bype.parallel.cost_model import Device, predict
+    to the one-process profile `one`: the prediction `bype.bench.perf.cost_model` makes for H100s, made here."""
+    from bype.bench.perf.cost_model import Device, predict
 
     comm = rank.get("allreduce_seconds", 0.0)
     link = 2 * (nproc - 1) / nproc * rank["allreduce_bytes"] / comm if comm > 0 else float("inf")

@@ -434,7 +434,7 @@ def measure(spec: dict, work_dir: str) -> dict:
     import torch
 
     from bype.config import load_config
-    from bype.evaluate import model_inputs, validation_loss
+    from bype.eval.evaluate import model_inputs, validation_loss
     from bype.trainer import Trainer
 
     torch.set_num_threads(spec["threads"])

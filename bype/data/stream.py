@@ -52,7 +52,8 @@ Errors
     and logged with their names on logger "bype.data" (in the main process, also for worker errors).
     The epoch keeps its step count (resample: reading goes on; exact: the reader pads).
     `on_error="raise"` fails the run instead with a `ShardError` (a ValueError: one line on the command
-    line) naming the shard.
+    line) naming the shard. A local shard directory that vanishes during the run (deleted, renamed,
+    unmounted) fails it whatever `on_error` says: nothing is left to read, and skipping would train on padding.
 """
 from __future__ import annotations
 
@@ -255,6 +256,15 @@ def shard_chunks(url: str, start: int = 0, stop: int | None = None, expected: in
         raise _ShardError(f"{url}: truncated shard: {pos} samples, expected {want}")
 
 
+def _vanished_directory(url: str) -> str | None:
+    """The directory of a local shard when that directory no longer exists (deleted, renamed, unmounted
+    during the run), else None: remote shards and a single missing file are the skip policy's to handle."""
+    if url.startswith("pipe:") or is_remote(url):
+        return None
+    directory = os.path.dirname(os.path.abspath(url.removeprefix("file:")))
+    return None if os.path.isdir(directory) else directory
+
+
 def _first_arg(e: Exception) -> str:
     return str(e.args[0]) if e.args else str(e)
 
@@ -288,6 +298,7 @@ class _Reader(torch.utils.data.IterableDataset):
         self.ring = _SlotRing(s.num_workers, s.prefetch_factor * s.num_workers + 2, s.group * s.batch_size,
                               s.shape) if s.num_workers and s.shape else None
         self.events: list[tuple[str, str]] = []
+        self.epoch = 0  # the epoch being read (for messages)
 
     def _report(self, kind: str, message: str) -> None:
         if self.on_error == "raise":
@@ -309,6 +320,11 @@ class _Reader(torch.utils.data.IterableDataset):
                     got += len(chunk[0])
                     yield chunk
             except _ShardError as e:
+                gone = _vanished_directory(url)
+                if gone is not None:  # not one bad shard to skip: every later one is gone too
+                    raise _Fatal(f"{gone}: the shard directory vanished while epoch {self.epoch} was read "
+                                 f"({_shard_basename(url)} is gone); the shards must stay in place for the whole "
+                                 "run") from e
                 self._report("shard", str(e))
             empty_run = 0 if got else empty_run + 1
             if self.mode == "resample" and empty_run >= _MAX_EMPTY_DRAWS:
@@ -318,6 +334,7 @@ class _Reader(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, epoch = (info.id if info is not None else 0), int(self.epoch_box[0])
+        self.epoch = epoch
         self.events = []
         rng = np.random.default_rng(_rng_seed(self.seed, epoch, self.rank, worker, 1))
         try:

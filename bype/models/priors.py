@@ -152,7 +152,7 @@ class ExemplarPrior(Prior):
 
     @torch.no_grad()
     def _all_means(self, model, bank: Optional[torch.Tensor] = None) -> torch.Tensor:
-        from bype.eval_memory import encode_rows
+        from bype.memory import encode_rows
 
         bank = self.bank if bank is None else bank
         chunk = encode_rows(model, bank.shape[1])  # rows per chunk from the memory budget (eval.memory_mb)

@@ -52,6 +52,8 @@ def _repeat(t, n: int):
 
 
 class VAEBase(nn.Module):
+    hierarchical = False  # two latent levels: the prior sits on z2, p(z1|z2) between it and the decoder
+
     def __init__(self, input_shape: tuple, latent_dim: int, likelihood: Likelihood, prior: Prior):
         super().__init__()
         self.input_shape = tuple(input_shape)
@@ -60,7 +62,6 @@ class VAEBase(nn.Module):
         self.likelihood = likelihood
         self.prior = prior
         self.noise = None  # a RowNoise set by the trainer for each step; None: the global RNG
-
     def forward(self, x: torch.Tensor, idx: Optional[torch.Tensor] = None, beta: float = 1.0):
         """The training objective; DDP and DeepSpeed wrap this call."""
         return self.loss(x, idx, beta)
@@ -143,6 +144,8 @@ class VAE(VAEBase):
 
 class HierarchicalBase(VAEBase):
     """Two latent levels: q(z2|x) q(z1|x,z2), p(z2) the configured prior, p(z1|z2), p(x|z1,z2)."""
+
+    hierarchical = True
 
     def __init__(self, input_shape, latent_dim, hidden, likelihood, prior):
         super().__init__(input_shape, latent_dim, likelihood, prior)

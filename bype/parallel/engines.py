@@ -28,7 +28,7 @@ class LocalEngine:
 
     def __init__(self, cfg, model: nn.Module, ctx, ddp: bool = False):
         self.module = model
-        wrap = None
+        wrap = None  # DDP around the model (or around the compiled model)
         if ddp:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -37,9 +37,10 @@ class LocalEngine:
             no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
                 inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False}
 
-            def wrap(module):
+            def ddp_wrap(module):
                 return DistributedDataParallel(module, device_ids=dev, **no_sync)
 
+            wrap = ddp_wrap
             attach_row_shard(model, ctx, cfg.dist.shard_prior)
         self.optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
         self.grad_clip = cfg.train.grad_clip

@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from bype.parallel.process_group import comm_device
+
 
 def _gather_padded(local: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
     width = max(sizes)
@@ -61,9 +63,11 @@ def all_gather_rows(local: torch.Tensor, sizes: list[int], group: Optional[dist.
 @torch.no_grad()
 def gather_rows(local: torch.Tensor, sizes: Optional[list[int]] = None,
                 group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
-    """The same without autograd; `sizes` None means equal blocks (the batch indices of a step)."""
+    """The same without autograd, on every rank in rank order (for rank r's block of shard_range(n, r, W):
+    `sizes = shard_sizes(n, W)`); `sizes` None means equal blocks (the batch indices of a step). The blocks
+    travel on the backend's device (gloo: CPU, NCCL: CUDA) and the result comes back to `local`'s."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return local
     if sizes is None:
         sizes = [local.shape[0]] * dist.get_world_size(group)
-    return _gather_padded(local, list(sizes), group)
+    return _gather_padded(local.to(comm_device()), list(sizes), group).to(local.device)

@@ -32,6 +32,14 @@ class DistContext:
         return self.world_size > 1
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one: the one place every module
+    (coreset, evaluation, data streams) reads them from, so that a DistContext and the group never disagree."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
@@ -81,6 +89,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Float64 sums of per-rank partial sums of a few numbers (on the backend's communication device)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        t = all_reduce_sum(t.to(comm_device()))
+    return t.cpu().tolist()
 
 
 def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:

@@ -25,9 +25,10 @@ from typing import Callable, Optional
 import torch
 
 import kernels
-from bype.coreset_estimate import process_group, weight_summary
-from bype.parallel.process_group import all_reduce_sum
-from bype.parallel.shard import shard_range
+from bype.coreset.estimate import weight_summary
+from bype.parallel.process_group import all_reduce_sum, rank_and_world
+from bype.parallel.gather import gather_rows
+from bype.parallel.shard import shard_range, shard_sizes
 
 DEFAULT_LR = 0.05  # Adam on the sigmoid's and the softmax's logits (both scale-free)
 DEFAULT_DRAWS = 512  # exemplar draws z ~ p_E per step when coreset.samples is not set
@@ -53,15 +54,13 @@ def domain_map(a: torch.Tensor, domain: Optional[tuple]) -> torch.Tensor:
 def all_means(encode: Callable[[torch.Tensor], torch.Tensor], rows: Callable[[int, int], torch.Tensor],
               n: int, chunk: int = 4096) -> torch.Tensor:
     """Encoder means [n, d] of rows 0..n-1 (`rows(lo, hi)` gives model inputs). Under torch.distributed each
-    rank encodes its block and a sum of zero-padded blocks gathers them (exact: one value plus zeros)."""
-    rank, world = process_group()
-    lo, hi = shard_range(n, rank, world) if n >= world else (0, n)  # fewer rows than ranks: every rank all
+    rank encodes its block and the blocks are all-gathered in rank order."""
+    rank, world = rank_and_world()
+    if n < world:  # fewer rows than ranks: every rank encodes them all
+        rank, world = 0, 1
+    lo, hi = shard_range(n, rank, world)
     mine = torch.cat([encode(rows(s, min(s + chunk, hi))) for s in range(lo, hi, chunk)])
-    if world == 1 or n < world:
-        return mine
-    out = mine.new_zeros(n, mine.shape[1])
-    out[lo:hi] = mine
-    return all_reduce_sum(out)
+    return gather_rows(mine, shard_sizes(n, world))
 
 
 def cross_entropy(z: torch.Tensor, means: torch.Tensor, log_w: torch.Tensor, log_var: torch.Tensor,
@@ -96,7 +95,7 @@ def fit_exemplar(encode: Callable[[torch.Tensor], torch.Tensor], U: torch.Tensor
     log_var = log_var.detach()
     scale = torch.exp(0.5 * log_var)
     log_n = math.log(n_data)
-    rank, world = process_group()
+    rank, world = rank_and_world()
 
     def draw(step) -> torch.Tensor:
         g = torch.Generator(device=dev).manual_seed(seed_of(step))

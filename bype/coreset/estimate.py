@@ -22,16 +22,8 @@ import math
 from typing import Callable, NamedTuple
 
 import torch
-import torch.distributed as dist
 
 from bype.parallel.process_group import all_reduce_sum
-
-
-def process_group() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class Pieces(NamedTuple):

@@ -1,6 +1,6 @@
 """What one training step costs on this rank, counted rather than timed: FLOPs (FlopCounterMode), the
 operators dispatched, the bytes all-reduced and the optimiser's bytes. These are the cost model's inputs
-(bype.parallel.cost_model) and `bype bench scaling`'s per-rank FLOPs.
+(bype.bench.perf.cost_model) and `bype bench scaling`'s per-rank FLOPs.
 """
 from __future__ import annotations
 

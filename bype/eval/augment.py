@@ -121,7 +121,7 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_t
 
 def save_pairs(augmenter: ExemplarAugmenter, x: torch.Tensor, path: str, input_shape: tuple) -> str:
     """Real images (odd rows) above one augmentation each (even rows): a visual check of the transition."""
-    from bype.sampling import save_grid
+    from bype.eval.pictures import save_grid
 
     gen = torch.Generator(device=x.device).manual_seed(0)
     fake = augmenter(x, gen)

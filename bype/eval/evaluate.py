@@ -1,12 +1,12 @@
 """Evaluation: importance-sampled test NLL, ELBO, bits/dim, kNN accuracy on encoder means.
 
-Memory: every evaluation runs in chunks whose size `bype.eval_memory` measures against the budget
+Memory: every evaluation runs in chunks whose size `bype.memory` measures against the budget
 `eval.memory_mb` (the data dimension and the architecture decide the bytes per row); `eval.is_batch`
 (`bype eval --batch`) only caps the examples x samples of one chunk. Inputs are read from the uint8
 split chunk by chunk, never materialised whole as floats.
 
 Noise: the fixed binarisation of Bernoulli data and the importance samples are keyed by example and
-sample index (`bype.eval_noise`), so results do not depend on the chunking or on the number of ranks.
+sample index (`bype.eval.noise`), so results do not depend on the chunking or on the number of ranks.
 
 Sharding: with a DistContext of W ranks each rank evaluates a contiguous slice of the examples; per-example
 results are all-gathered in order and sums all-reduced in float64, so every rank ends with the numbers one
@@ -21,10 +21,11 @@ from typing import Optional, Union
 import torch
 
 from bype.data.memory import Split
-from bype.eval_memory import chunked_encoder, encode_rows, rows_within
-from bype.eval_noise import IndexNoise
-from bype.parallel.eval_shards import gather_rows, sum_over_ranks
-from bype.parallel.shard import shard_range
+from bype.memory import chunked_encoder, encode_rows, rows_within
+from bype.eval.noise import IndexNoise
+from bype.parallel.gather import gather_rows
+from bype.parallel.process_group import sum_over_ranks
+from bype.parallel.shard import shard_range, shard_sizes
 
 EVAL_SEED = 20211206  # the fixed binarisation and importance samples: the same inputs every evaluation
 VAL, TEST, REFERENCE = 1, 2, 3  # noise streams: one split's binarisation is not another's
@@ -96,7 +97,7 @@ def validation_loss(model, data: Inputs, batch_size: Optional[int] = None, seed:
     finally:
         model.noise = None
         model.train(was_training)
-    tot = sum_over_ranks(tot, world)
+    tot = sum_over_ranks(tot)
     return {k: v / n for k, v in zip(("loss", "rec", "kl"), tot)}
 
 
@@ -110,7 +111,7 @@ def importance_sampled_ll(model, data: Inputs, n_samples: int, max_rows: Optiona
     A chunk holds as many (example x sample) rows as the memory budget allows, at most `max_rows`; when
     fewer than S fit, an example's samples are split over several chunks. `log_weights(x, k)` replaces
     `model.log_weights_is`; it may return [b, k, P] (P variants of the weights on the same samples, e.g.
-    under P priors: bype.eval_priors), and the results are then [n, P].
+    under P priors: bype.eval.priors), and the results are then [n, P].
     """
     model.eval()
     log_weights = log_weights or model.log_weights_is
@@ -142,7 +143,7 @@ def importance_sampled_ll(model, data: Inputs, n_samples: int, max_rows: Optiona
                 progress(b - a)
     empty = torch.zeros((0, *tail), dtype=torch.float64, device=_device(model))  # a rank without examples
     ll, elbo = (torch.cat(v) if v else empty for v in (ll, elbo))
-    return gather_rows(ll, n, world), gather_rows(elbo, n, world)
+    return gather_rows(ll, shard_sizes(n, world)), gather_rows(elbo, shard_sizes(n, world))
 
 
 @torch.no_grad()
@@ -165,14 +166,14 @@ def knn_accuracy(model, train: Split, test: Split, ks: list[int], ctx=None) -> d
     rank, world = _world(ctx)
     model.eval()
     ref = gather_rows(encoder_means(model, train, REFERENCE, *shard_range(len(train), rank, world)),
-                      len(train), world).numpy()
+                      shard_sizes(len(train), world)).numpy()
     lo, hi = shard_range(len(test), rank, world)
     query = encoder_means(model, test, TEST, lo, hi).numpy()
     correct = []
     for k in ks:
         clf = KNeighborsClassifier(n_neighbors=k, algorithm="brute").fit(ref, train.y.numpy())
         correct.append(float((clf.predict(query) == test.y[lo:hi].numpy()).sum()) if hi > lo else 0.0)
-    totals = sum_over_ranks(correct, world)
+    totals = sum_over_ranks(correct)
     return {f"knn_{k}": c / len(test) for k, c in zip(ks, totals)}
 
 

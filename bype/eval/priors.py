@@ -2,7 +2,7 @@
 
 `bype eval RUN --priors own,uniform,random,kmeans,exemplar` swaps the top latent's prior of a trained model
 and computes the importance-sampled test NLL under each, with the same random numbers for every prior (the
-binarisation and the importance samples are keyed by example and sample index, bype.eval_noise), so the
+binarisation and the importance samples are keyed by example and sample index, bype.eval.noise), so the
 differences are the priors' alone:
 
 - `own`: the prior the run trained;
@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 import kernels
-from bype.coreset_exemplar import all_means
-from bype.eval_memory import encode_rows
-from bype.evaluate import TEST, importance_sampled_ll
+from bype.coreset.exemplar import all_means
+from bype.memory import encode_rows
+from bype.eval.evaluate import TEST, importance_sampled_ll
 from bype.models.priors import Prior
 from bype.seeds import derive_seed
 

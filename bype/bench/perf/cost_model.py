@@ -1,6 +1,6 @@
 """A cost model of one data-parallel training step: measured work in, predicted step time out.
 
-Inputs measured on the model (bype.parallel.flops, FlopCounterMode and an operator count, one process):
+Inputs measured on the model (bype.bench.perf.flops, FlopCounterMode and an operator count, one process):
 
     F_b   FLOPs of the batch part of a step at global batch B (forward + backward)
     F_p   FLOPs of the prior part: the M mixture rows through the encoder, forward + backward
@@ -64,7 +64,7 @@ def allreduce_seconds(nbytes: float, world: int, dev: Device) -> float:
 
 
 def predict(profile: dict, dev: Device, world: int, sharded: bool = True, weak: bool = False) -> dict:
-    """Predicted seconds of one step per part (see the module's formula). `profile`: bype.parallel.flops."""
+    """Predicted seconds of one step per part (see the module's formula). `profile`: bype.bench.perf.flops."""
     f_batch = profile["flops_batch"] * (world if weak else 1)
     t_compute = (f_batch / world + profile["flops_prior"] / (world if sharded else 1)) / dev.flops
     t_launch = profile["ops"] * dev.tau
