@@ -70,6 +70,7 @@ import webdataset as wds
 from torch import Tensor
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from bype.parallel.process_group import rank_and_world
 from .manifest import is_remote, load_manifest, manifest_layout, manifest_location, sha256_file, split_entry
 from .records import decode_block, decode_sample, record_layout, stack_samples
 from .shuffle import BatchShuffler, concat, shuffle_chunks
@@ -464,12 +465,6 @@ class _SlotRing:
 
 # --- the public loader ---------------------------------------------------------------------------------
 
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 class ShardStream:
     """Batches `(x, y, idx)` streamed from shards; `len(stream)` steps per epoch on every rank.
 
@@ -489,7 +484,7 @@ class ShardStream:
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
         if rank is None or world_size is None:
-            dist_rank, dist_world = _dist_rank_world()
+            dist_rank, dist_world = rank_and_world()
             rank = dist_rank if rank is None else rank
             world_size = dist_world if world_size is None else world_size
         if not 0 <= rank < world_size:
