@@ -29,7 +29,7 @@ def _subcommand_modules(package: str) -> list[str]:
 
 def _cmd_train(args) -> int:
     from bype.config import load_config
-    from bype.trainer import load_run_config, train
+    from bype.train.loop import load_run_config, train
 
     if args.resume:
         if args.config:
@@ -52,8 +52,8 @@ def _cmd_train(args) -> int:
 
 def _check_train(cfg, resume: bool, world_size: Optional[int]) -> int:
     """What a start checks before any worker starts (launch/*.sh call this once), reported in one line."""
-    from bype import checkpoint
-    from bype.preflight import check_start
+    from bype.train import checkpoint
+    from bype.train.preflight import check_start
 
     counts = check_start(cfg, resume, world_size)
     if resume:
@@ -92,9 +92,9 @@ def _cmd_eval(args) -> int:
     from bype.atomic import write_text_atomic
     from bype.eval.priors import compare_priors, format_table, parse_priors
     from bype.eval.evaluate import evaluate
-    from bype.metrics import setup_logging
+    from bype.train.metrics import setup_logging
     from bype.parallel.process_group import finish, init_distributed
-    from bype.trainer import load_trained
+    from bype.train.loop import load_trained
 
     log = logging.getLogger("bype")
 
@@ -123,7 +123,7 @@ def _cmd_eval(args) -> int:
 
 def _cmd_sample(args) -> int:
     from bype.eval.pictures import save_samples
-    from bype.trainer import load_trained
+    from bype.train.loop import load_trained
 
     _positive_options(args, ("n",))
     _, _, model = load_trained(args.run_dir, args.checkpoint)
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
             module.add_arguments(vp)
             vp.set_defaults(func=module.run)
 
-    for extra, path in (("augment", "bype.eval.augment"), ("experiment", "bype.experiment")):
+    for extra, path in (("augment", "bype.experiment.augment"), ("experiment", "bype.experiment")):
         try:
             module = importlib.import_module(path)
         except ImportError:
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from bype.atomic import DiskError
-    from bype.checkpoint import CheckpointError
+    from bype.train.checkpoint import CheckpointError
     from bype.config import ConfigError
     from bype.parallel.process_group import ReplicaMismatchError
 

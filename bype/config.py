@@ -4,7 +4,7 @@ Every field has a default, so `bype train` with no config runs the embedded defa
 Fashion-MNIST sized for 10 minutes on 2 CPU cores (a 5.5-minute training budget, short warm-up, S = 500
 for the test NLL). `configs/base.yaml` restores the paper's full-length settings. Unknown keys,
 wrong types and impossible values raise `ConfigError` with one line naming the key, before any work
-(sizes against the data the run reads: bype.preflight).
+(sizes against the data the run reads: bype.train.preflight).
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ class TrainConfig:
     log_every: int = 50  # steps between progress log lines
     profile: bool = False  # write a torch.profiler trace of a few steps
     # torch.compile of the loss: null = auto (CPU runs of >= 60 minutes or unbudgeted; not CUDA, not the
-    # exemplar prior: see docs/ARCHITECTURE.md), true / false to force (bype/compiled_loss.py); engines none
+    # exemplar prior: see docs/ARCHITECTURE.md), true / false to force (bype/train/compiled_loss.py); engines none
     # and ddp (DeepSpeed runs eagerly and says so)
     compile: Optional[bool] = None
     compile_mode: str = "auto"  # auto (reduce-overhead = CUDA graphs on CUDA, default elsewhere) | a torch mode
@@ -335,7 +335,7 @@ def validate(cfg: Config) -> None:
     if any((not isinstance(k, int)) or k <= 0 for k in cfg.eval.knn_k):
         raise ConfigError(f"eval.knn_k: must be a list of positive integers, got {cfg.eval.knn_k!r}")
 
-    # Sizes against the data (M <= N, ...) are checked by bype.preflight, which reads the actual counts.
+    # Sizes against the data (M <= N, ...) are checked by bype.train.preflight, which reads the actual counts.
     binary = cfg.data.dataset in ("mnist", "fashion-mnist")
     if cfg.model.likelihood == "bernoulli" and not binary:
         raise ConfigError(f"model.likelihood: bernoulli needs binary data; {cfg.data.dataset} is 8-bit colour "

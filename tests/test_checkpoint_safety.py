@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bype import checkpoint
+from bype.train import checkpoint
 from bype.cli import main
 from tests.helpers import TINY
 

@@ -98,7 +98,7 @@ def test_launchers_check_the_batch_against_their_world_size(launcher, tmp_path):
 
 
 def test_check_of_a_zero_resume_needs_the_same_world_size(tmp_path, capsys):
-    from bype import checkpoint
+    from bype.train import checkpoint
 
     run = tmp_path / "z"
     run.mkdir()

@@ -7,14 +7,14 @@ import torch
 import torch._dynamo
 
 import kernels
-from bype.compiled_loss import CompiledLoss, NoiseTape, plan_compile
+from bype.train.compiled_loss import CompiledLoss, NoiseTape, plan_compile
 from bype.config import load_config
-from bype.parallel.engines import LocalEngine
+from bype.train.engines import LocalEngine
 from bype.parallel.process_group import DistContext
 from bype.models import build_model
 from bype.models.noise import RowNoise
-from bype.step_stats import EpochStats, HostSyncCounter, RunningSums
-from bype.trainer import Trainer
+from bype.train.step_stats import EpochStats, HostSyncCounter, RunningSums
+from bype.train.loop import Trainer
 from tests.helpers import tiny_config
 
 SMALL = ["model.hidden=32", "model.latent_dim=6", "prior.components=12"]

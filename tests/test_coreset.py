@@ -9,7 +9,7 @@ import torch
 
 import bype.coreset.gradients as coreset_gradients
 import bype.coreset.optimizer as coreset_optimizer
-from bype import checkpoint
+from bype.train import checkpoint
 from bype.config import load_config
 from bype.coreset import (Adam, PseudocoresetOptimizer, kl_estimate, kl_gradients, likelihood_gradients,
                           project_weights)
@@ -18,7 +18,7 @@ from bype.data import load_data, split_stats
 from bype.data.memory import load_idx_dataset
 from bype.models import build_model
 from bype.models.likelihoods import Bernoulli, DiscretizedLogistic, Gaussian
-from bype.trainer import train
+from bype.train.loop import train
 
 F64 = torch.float64
 

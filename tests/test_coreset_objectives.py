@@ -12,7 +12,7 @@ from bype.coreset import likelihood_gradients
 from bype.coreset.exemplar import all_means, cross_entropy, fit_exemplar
 from bype.models.likelihoods import Bernoulli, DiscretizedLogistic, Gaussian
 from bype.seeds import derive_seed
-from bype.trainer import train
+from bype.train.loop import train
 from tests.helpers import TINY
 
 F64 = torch.float64

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from bype.config import load_config
-from bype.cost import estimate_costs, log_estimate
-from bype.trainer import Trainer
+from bype.train.cost_estimate import estimate_costs, log_estimate
+from bype.train.loop import Trainer
 from tests.helpers import tiny_config
 
 SMOKE_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "smoke").glob("*.yaml"))

@@ -61,7 +61,7 @@ def test_a_compiled_step_is_counted_like_the_eager_one():
     train.compile): the count runs the step's eager operators."""
     import torch
 
-    from bype.compiled_loss import CompiledLoss
+    from bype.train.compiled_loss import CompiledLoss
     from bype.models import build_model
     from bype.bench.perf.flops import count_step
 

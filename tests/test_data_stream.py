@@ -304,7 +304,7 @@ def test_rank_and_world_size_from_torch_distributed(shards, monkeypatch):
 def test_first_batch_needs_no_more_than_the_buffer(shards, monkeypatch):
     """Resample mode never ends: the first batch must come after about `shuffle_buffer` samples, whatever
     the layout (one-sample records are not held back in a window of their own)."""
-    import bype.data.stream as stream_module
+    import bype.data.stream.reader as stream_module
 
     decoded = []
     real = stream_module.decode_sample

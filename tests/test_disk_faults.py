@@ -12,7 +12,8 @@ import tempfile
 
 import pytest
 
-from bype import checkpoint, trainer
+from bype.train import checkpoint
+from bype.train import loop as trainer
 from bype.cli import main
 from bype.data import prepare as prep
 from tests.helpers import TINY
@@ -119,7 +120,7 @@ def test_run_directory_that_turns_read_only_is_one_line(tmp_path, fmnist_root, c
 
 
 def test_file_system_remounted_read_only_mid_run_is_one_line(tmp_path, fmnist_root, capsys, monkeypatch):
-    from bype import metrics as metrics_module
+    from bype.train import metrics as metrics_module
 
     run = str(tmp_path / "rofs")
     log = os.path.join(run, "metrics.jsonl")
@@ -133,7 +134,7 @@ def test_file_system_remounted_read_only_mid_run_is_one_line(tmp_path, fmnist_ro
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS), log)
         return open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(metrics_module, "open", open_, raising=False)  # bype.metrics' own calls only
+    monkeypatch.setattr(metrics_module, "open", open_, raising=False)  # bype.train.metrics' own calls only
     assert main(["train", f"out_dir={tmp_path}", "name=rofs", *RUN]) == 2
     assert one_line_error(capsys) == f"{log}: Read-only file system; the previous checkpoint is kept"
     assert checkpoint.load(os.path.join(run, "last.pt"))["epoch"] == 1

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bype import checkpoint
+from bype.train import checkpoint
 from bype.config import load_config
-from bype.metrics import read_metrics as metrics
-from bype.trainer import Trainer
+from bype.train.metrics import read_metrics as metrics
+from bype.train.loop import Trainer
 
 pytestmark = pytest.mark.dist
 
@@ -104,7 +104,7 @@ PRIORS = {"bype": ["prior.kind=bype"], "vamp": ["prior.kind=vampprior"], "ex": [
           "exknn": ["prior.kind=exemplar", "prior.exemplar.knn=5"]}  # kNN: the bank's cache sharded too
 ENGINES = {"ddp": ["dist.engine=ddp"], "zero1": ["dist.engine=deepspeed", "dist.zero_stage=1"],
            "zero2": ["dist.engine=deepspeed", "dist.zero_stage=2"]}
-FLAGS = {"compiled": ["train.compile=true"]}  # DDP around the compiled loss (bype/compiled_loss.py)
+FLAGS = {"compiled": ["train.compile=true"]}  # DDP around the compiled loss (bype/train/compiled_loss.py)
 # Every prior with DDP and with DeepSpeed at each world size; every (prior, ZeRO stage) pair over the two.
 MATRIX = {2: ["bype-ddp", "bype-ddp-compiled", "bype-zero1", "bype-zero2", "vamp-ddp", "vamp-zero2", "ex-ddp", "ex-zero1"],
           3: ["bype-ddp", "bype-zero2", "vamp-ddp", "vamp-zero1", "ex-ddp", "ex-zero2", "exknn-ddp"]}
@@ -114,7 +114,7 @@ MATRIX_DRIVER = """
 import json, os, sys, torch
 from bype.config import load_config
 from bype.parallel.process_group import finish
-from bype.trainer import Trainer
+from bype.train.loop import Trainer
 out, cases = sys.argv[1], json.loads(sys.argv[2])
 for name, overrides in cases:
     trainer = Trainer(load_config(None, [*sys.argv[3:], f"name={name}", *overrides]))

@@ -62,7 +62,7 @@ def test_rows_follow_the_budget_and_the_cap():
 def test_chunking_changes_memory_not_results(tmp_path, fmnist_root):
     # HVAE: two noise draws per sample; Bernoulli: the binarisation is keyed too.
     cfg = tiny_config(tmp_path, "model.arch=hvae", "prior.kind=bype", "train.cost_estimate=false")
-    from bype.trainer import Trainer
+    from bype.train.loop import Trainer
 
     trainer = Trainer(cfg)
     model, test = trainer.model, trainer.data.test.head(13)

@@ -6,7 +6,7 @@ import pytest
 
 from bype.config import load_config
 from bype.eval.evaluate import evaluate, validation_loss
-from bype.trainer import Trainer
+from bype.train.loop import Trainer
 from tests.helpers import TINY
 from tests.test_distributed import TORCHRUN, run
 
@@ -22,7 +22,7 @@ import json, sys
 from bype.config import load_config
 from bype.parallel.process_group import finish
 from bype.eval.evaluate import evaluate, validation_loss
-from bype.trainer import Trainer
+from bype.train.loop import Trainer
 trainer = Trainer(load_config(None, sys.argv[2:]))
 val = validation_loss(trainer.model, trainer.data.val, ctx=trainer.ctx)
 report = evaluate(trainer.model, trainer.data.test, trainer.data.train_split(), {n}, None, {ks}, ctx=trainer.ctx)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bype.optim import Adam, NormalizedAdam, adam_implementation
+from bype.train.optim import Adam, NormalizedAdam, adam_implementation
 
 LR = 5e-4
 STEPS = 200

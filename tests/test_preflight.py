@@ -7,7 +7,7 @@ import pytest
 from bype.cli import main
 from bype.config import ConfigError, load_config
 from bype.data import prepare as prep
-from bype.preflight import check_start, data_counts
+from bype.train.preflight import check_start, data_counts
 from tests.test_data_prepare import write_celeba
 
 CELEBA = "configs/celeba/vae-bype.yaml"

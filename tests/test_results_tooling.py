@@ -133,8 +133,8 @@ def test_augment_trains_the_classifier_and_is_collected(experiment):
 
 
 def test_augmenter_uses_the_priors_shared_variance(experiment):
-    from bype.eval.augment import ExemplarAugmenter
-    from bype.trainer import load_trained
+    from bype.experiment.augment import ExemplarAugmenter
+    from bype.train.loop import load_trained
 
     _, _, tmp = experiment
     _, data, model = load_trained(str(tmp / "runs" / "b"))

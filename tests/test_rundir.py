@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from bype import checkpoint, trainer
+from bype.train import checkpoint
+from bype.train import loop as trainer
 from bype.cli import main
 from tests.helpers import TINY
 

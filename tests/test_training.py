@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from bype import checkpoint
+from bype.train import checkpoint
 from bype.eval.evaluate import importance_sampled_ll, model_inputs
-from bype.trainer import Trainer, load_run_config, train
+from bype.train.loop import Trainer, load_run_config, train
 from tests.helpers import tiny_config
 
 

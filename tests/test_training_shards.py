@@ -10,7 +10,7 @@ import torch
 
 from bype.data import load_data
 from bype.data import prepare as prep
-from bype.trainer import Trainer
+from bype.train.loop import Trainer
 from tests.helpers import TINY, tiny_config
 
 LIMIT = 1000

@@ -17,7 +17,7 @@ from bype.config import load_config
 from bype.parallel.process_group import finish
 from bype.models.noise import RowNoise
 from bype.bench.perf.flops import _OpCounter, step_profile
-from bype.trainer import Trainer
+from bype.train.loop import Trainer
 
 
 def _best_of(fn, reps: int) -> float:

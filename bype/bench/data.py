@@ -161,7 +161,7 @@ def _train_rows(directory: str, name: str, args, tmp: str) -> list[dict]:
     """The Gaussian-prior step fed from memory and from shards (1 worker), alternated on one Trainer."""
     from bype.config import load_config
     from bype.data.memory import MemoryLoader
-    from bype.trainer import Trainer
+    from bype.train.loop import Trainer
 
     grey = "28x28" in name
     cfg = load_config(None, [

@@ -435,7 +435,7 @@ def measure(spec: dict, work_dir: str) -> dict:
 
     from bype.config import load_config
     from bype.eval.evaluate import model_inputs, validation_loss
-    from bype.trainer import Trainer
+    from bype.train.loop import Trainer
 
     torch.set_num_threads(spec["threads"])
     overrides = [*spec["overrides"], f"device={spec['device']}", f"out_dir={work_dir}", f"name={spec['row']}",
@@ -491,7 +491,7 @@ class _SyncLines(logging.Handler):
 
 def _time_steps(trainer, warmup: int, steps: int) -> dict:
     """`warmup` + `steps` steps of the trainer's own epoch loop; the per-epoch hook timed apart."""
-    from bype.compiled_loss import CompiledLoss
+    from bype.train.compiled_loss import CompiledLoss
 
     loader = trainer.data.train_loader
     timed = TimedLoader(loader, warmup + steps)

@@ -26,7 +26,8 @@ from .manifest import SPLITS, load_manifest, manifest_layout, manifest_location,
     write_json_atomic
 from .prepare import add_layout_arguments, build_manifest, claim_output, write_shard
 from .records import DEFAULT_BLOCK_SIZE
-from .stream import _ShardError, available_cpus, resolve_shards, shard_chunks
+from .stream.reader import _ShardError, available_cpus, shard_chunks
+from .stream.spec import resolve_shards
 from .shuffle import concat, rechunk
 
 

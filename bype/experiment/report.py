@@ -64,7 +64,7 @@ def _read_json(path: str) -> Optional[dict]:
 
 
 def collect_run(spec: RunSpec) -> RunResult:
-    from bype.metrics import read_metrics
+    from bype.train.metrics import read_metrics
 
     d = spec.run_dir
     result = RunResult(spec, run_status(d), metrics=read_metrics(d) if os.path.isdir(d) else [])

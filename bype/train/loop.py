@@ -18,23 +18,23 @@ import numpy as np
 import torch
 import yaml
 
-from bype import checkpoint
+from bype.train import checkpoint
 from bype.config import Config, config_from_dict, to_dict
 from bype.data import DataBundle, device_batches, load_data
 from bype.parallel.process_group import DistContext, all_reduce_sum, barrier, broadcast, check_replicated, init_distributed
-from bype.parallel.engines import build_engine
+from bype.train.engines import build_engine
 from bype import memory
-from bype.cost import estimate_costs
+from bype.train.cost_estimate import estimate_costs
 from bype.eval.evaluate import evaluate, validation_loss
-from bype.metrics import MetricsWriter, Progress, read_metrics, setup_logging
+from bype.train.metrics import MetricsWriter, Progress, read_metrics, setup_logging
 from bype.models import build_model
 from bype.models.noise import RowNoise
-from bype.optim import set_learning_rate
-from bype.preflight import check_start
+from bype.train.optim import set_learning_rate
+from bype.train.preflight import check_start
 from bype.atomic import write_text_atomic
-from bype.rundir import RunDirectory
+from bype.train.rundir import RunDirectory
 from bype.eval.pictures import save_coreset, save_curves, save_samples
-from bype.step_stats import EpochStats
+from bype.train.step_stats import EpochStats
 
 log = logging.getLogger("bype")
 BUDGET_CHECK_STEPS = 10  # how often a single process checks the wall-clock budget (DDP: every log line)

@@ -3,7 +3,7 @@
 `engine(x, idx, beta)` runs the model's forward (the loss) through the wrapper that synchronises
 gradients; `engine.backward(loss)` and `engine.step()` do the rest; `engine.module` is the bare model.
 The local / DDP engine runs that forward under bf16 autocast with `dist.precision=bf16`, and through
-torch.compile as `train.compile` says (bype/compiled_loss.py).
+torch.compile as `train.compile` says (bype/train/compiled_loss.py).
 `state_dict()` / `load_state_dict()` carry the optimiser inside the trainer's checkpoint;
 `save_checkpoint(epoch)` (every rank, before rank 0 writes that checkpoint) is where an engine with
 sharded state writes it (DeepSpeed); here it has nothing to do.
@@ -16,8 +16,8 @@ import logging
 import torch
 from torch import nn
 
-from bype.compiled_loss import CompiledLoss, plan_compile
-from bype.optim import build_optimizer
+from bype.train.compiled_loss import CompiledLoss, plan_compile
+from bype.train.optim import build_optimizer
 from bype.parallel import attach_row_shard
 
 log = logging.getLogger("bype")
@@ -48,7 +48,7 @@ class LocalEngine:
         self.autocast = dict(device_type=ctx.device.type, dtype=torch.bfloat16,
                              enabled=cfg.dist.precision == "bf16")
         mode, why = plan_compile(cfg, ctx.device)
-        if mode is not None:  # DDP goes around the compiled model (bype/compiled_loss.py)
+        if mode is not None:  # DDP goes around the compiled model (bype/train/compiled_loss.py)
             self.loss = CompiledLoss(model, mode, fullgraph=cfg.prior.kind != "exemplar", wrap=wrap)
         else:
             self.loss = wrap(model) if wrap is not None else model
@@ -76,7 +76,7 @@ class LocalEngine:
 
     def load_state_dict(self, state: dict) -> None:
         if "optimizer" not in state:
-            from bype.checkpoint import CheckpointError
+            from bype.train.checkpoint import CheckpointError
 
             raise CheckpointError("the checkpoint was written by dist.engine=deepspeed; resume it with that engine")
         self.optimizer.load_state_dict(state["optimizer"])
@@ -84,7 +84,7 @@ class LocalEngine:
 
 def build_engine(cfg, model: nn.Module, ctx):
     if cfg.dist.engine == "deepspeed":
-        from bype.parallel.deepspeed_engine import DeepSpeedEngine
+        from bype.train.deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(cfg, model, ctx)
     return LocalEngine(cfg, model, ctx, ddp=cfg.dist.engine == "ddp" and ctx.distributed)

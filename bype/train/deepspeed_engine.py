@@ -27,9 +27,9 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from bype.checkpoint import CheckpointError, check_zero_world
+from bype.train.checkpoint import CheckpointError, check_zero_world
 from bype.config import ConfigError, deep_update, read_yaml_mapping
-from bype.optim import build_optimizer
+from bype.train.optim import build_optimizer
 from bype.parallel import attach_row_shard
 
 log = logging.getLogger("bype")
@@ -44,7 +44,7 @@ class PartitionedNormalizedAdam(torch.optim.Adam):
     bype gives every parameter tensor its own param group; ZeRO then hands this optimiser, per group,
     one flat tensor: this rank's slice of that parameter (zero-padded). The tensor's gradient norm is the
     root of the slices' squared norms summed over the ranks, so one all-reduce restores exactly the
-    per-tensor normalisation of `bype.optim.NormalizedAdam`.
+    per-tensor normalisation of `bype.train.optim.NormalizedAdam`.
     """
 
     @torch.no_grad()

@@ -141,8 +141,8 @@ def _device(requested: str) -> torch.device:
 
 
 def run(args) -> int:
-    from bype.metrics import setup_logging
-    from bype.trainer import load_trained
+    from bype.train.metrics import setup_logging
+    from bype.train.loop import load_trained
 
     for name in ("epochs", "batch_size", "eval_every", "hidden"):
         if getattr(args, name) < 1:

@@ -21,7 +21,7 @@ import yaml
 
 from bype.atomic import FAULTS, DiskError, disk_error, write_text_atomic
 from bype.parallel.process_group import barrier
-from bype.metrics import truncate_metrics
+from bype.train.metrics import truncate_metrics
 
 log = logging.getLogger("bype")
 REWRITTEN = ("config.yaml", "metrics.jsonl")  # existing files a start rewrites before its first checkpoint
