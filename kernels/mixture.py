@@ -6,10 +6,12 @@ Layout of this file (Liger-Kernel style):
 
 0. Triton kernels: in :mod:`kernels.mixture_triton`, imported on first use only (Triton
    fixes compile-vs-interpret at its own import, so ``import kernels`` must not import it).
-1. Launchers (operand buffers and the kernels that fill them, grids, interpreter).
+1. Launchers: launch parameters (one entry per GPU architecture in ``ARCHS``, the plans), operand buffers
+   and the kernels that fill them, grids, interpreter.
 2. ``torch.library`` custom ops ``bype_kernels::mixture_logpdf`` (+ ``_backward``) with a fake
    (meta) implementation and ``register_autograd``, so the op works inside ``torch.compile``; eager
-   calls run the same bodies through a ``torch.autograd.Function`` (less host time per call).
+   calls go through a ``torch.autograd.Function`` (less host time per call). Both share one forward
+   (``_forward``), one saved state (``_save_for_backward``) and one backward (``_input_grads``).
 3. :func:`mixture_logpdf`, the public entry point (shape checks, impl resolution).
 
 The torch path (``impl="torch"``) lives in :mod:`kernels.mixture_reference` and runs the
@@ -21,7 +23,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -62,66 +64,73 @@ CPU_BLOCKS = (64, 64)
 SMALL_WORK = 1 << 21
 
 
-# CUDA tiles (BLOCK_B, BLOCK_M, num_warps) per kernel and K (columns of L / R: d isotropic, 2d
-# diagonal; the operand width rounded up to a power of two), for problems of more than SMALL_WORK pairs. Chosen with
-# `bype bench kernels --compile-report sm_90 / sm_80`: the largest tiles with zero spills. The
-# fixed operand's hi and lo parts live in registers for the whole loop, so the wide-K backward
-# kernels shrink the non-looped side (docs/KERNELS.md, "Tile table").
-CUDA_TILES = {
-    90: {
-        "fwd": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 4)},
-        "bwd_z": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 16, 4)},
-        "bwd_m": {16: (64, 64, 4), 32: (64, 64, 4), 64: (32, 64, 4), 128: (16, 64, 4)},
-    },
-    80: {  # mma.sync keeps more of each tile in registers than wgmma: smaller backward tiles
-        "fwd": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 4)},
-        "bwd_z": {16: (64, 64, 4), 32: (64, 64, 4), 64: (32, 64, 4), 128: (16, 32, 4)},
-        "bwd_m": {16: (64, 64, 4), 32: (32, 64, 4), 64: (32, 64, 4), 128: (16, 32, 4)},
-    },
-}
-# Widths of two column parts (see _k_parts) whose table entry above spills: 48 (32 + 16: isotropic d = 33-48,
-# diagonal d = 17-24) and 80 (64 + 16: diagonal d = 33-40, isotropic d = 65-80) hold both parts of the fixed
-# operand in registers; the kernels are the same for both layouts, so are their registers.
-WIDTH_TILES = {
-    90: {"bwd_z": {48: (64, 32, 4)}},
-    80: {"bwd_z": {48: (32, 32, 4), 80: (32, 16, 4)}},
-}
 # B * M <= SMALL_WORK: small tiles, more programs for the training shape (100, 500); the backward tiles
-# are halved on their accumulator's side so that two column parts fit without spilling.
+# are halved on their accumulator's side so that two column parts fit without spilling. The same on every arch.
 SMALL_TILES = {"fwd": (32, 32, 4), "bwd_z": (32, 16, 4), "bwd_m": (16, 32, 4)}
 
-# Programs of each kernel an SM runs at once with the tiles above, by arch, kernel and operand width (K1 + K2
-# columns, see _k_parts): occupancy from the registers and shared memory that `bype bench kernels
-# --compile-report` reads from the cubins (tiling.resident_programs), the smaller of Triton 3.9's and
-# 3.6's over the report's shapes (checked against fresh compiles by tests/test_kernels_mixture.py).
-# The split count uses them to fill whole waves (tiling.split); widths not listed fall back to the
-# program-count rule.
-RESIDENT = {
-    90: {"fwd": {16: 5, 32: 3, 48: 2, 64: 1, 80: 2, 128: 1}, "bwd_z": {16: 3, 32: 2, 48: 2, 64: 2, 80: 2, 128: 2},
-         "bwd_m": {16: 2, 32: 2, 48: 2, 64: 2, 80: 2, 128: 2}},
-    80: {"fwd": {16: 6, 32: 3, 48: 2, 64: 1, 80: 2, 128: 1}, "bwd_z": {16: 3, 32: 2, 48: 2, 64: 2, 80: 2, 128: 2},
-         "bwd_m": {16: 2, 32: 2, 48: 2, 64: 2, 80: 2, 128: 2}},
+
+class Width(NamedTuple):
+    """Launch parameters of one kernel at one operand width on one architecture."""
+    tiles: tuple[int, int, int]  # (BLOCK_B, BLOCK_M, num_warps) for problems of more than SMALL_WORK pairs
+    resident: int                # programs of the kernel an SM runs at once with those tiles
+    small_resident: int          # the same with SMALL_TILES (problems of at most SMALL_WORK pairs)
+
+
+# The split plan's launch parameters: one entry per GPU architecture (its hardware facts: tiling.GPUS), by kernel
+# and operand width K (K1 + K2 columns, see _k_parts). Tiles: chosen with `bype bench kernels --compile-report
+# sm_90 / sm_80`, the largest with zero spills. The fixed operand's hi and lo parts live in registers for the
+# whole loop, so the wide-K backward kernels shrink the non-looped side (docs/KERNELS.md, "Tile table"); the
+# two-part widths 48 (32 + 16: isotropic d = 33-48, diagonal d = 17-24) and 80 (64 + 16: diagonal d = 33-40,
+# isotropic d = 65-80) hold both parts, and some need smaller tiles than the power of two above them (the kernels
+# are the same for both layouts, so are their registers). Resident programs: occupancy from the registers and shared memory that the compile report reads
+# from the cubins (tiling.resident_programs), the smaller of Triton 3.9's and 3.6's over the report's shapes
+# (checked against fresh compiles by tests/test_kernels_mixture.py); the split count uses them to fill whole
+# waves (tiling.split). A width not listed (96 = 64 + 32) takes the tiles of the power of two above it and
+# sizes its grids by the program-count rule.
+ARCHS = {
+    90: {
+        "fwd": {16: Width((64, 64, 4), 5, 9), 32: Width((64, 64, 4), 3, 6), 48: Width((64, 64, 4), 2, 6),
+                64: Width((64, 64, 4), 1, 4), 80: Width((64, 32, 4), 2, 3), 128: Width((64, 32, 4), 1, 2)},
+        "bwd_z": {16: Width((64, 64, 4), 3, 7), 32: Width((64, 64, 4), 2, 5), 48: Width((64, 32, 4), 2, 4),
+                  64: Width((64, 64, 4), 2, 4), 80: Width((64, 16, 4), 2, 3), 128: Width((64, 16, 4), 2, 2)},
+        "bwd_m": {16: Width((64, 64, 4), 2, 8), 32: Width((64, 64, 4), 2, 4), 48: Width((32, 64, 4), 2, 4),
+                  64: Width((32, 64, 4), 2, 4), 80: Width((16, 64, 4), 2, 2), 128: Width((16, 64, 4), 2, 2)},
+    },
+    80: {  # mma.sync keeps more of each tile in registers than wgmma: smaller backward tiles
+        "fwd": {16: Width((64, 64, 4), 6, 9), 32: Width((64, 64, 4), 3, 6), 48: Width((64, 64, 4), 2, 4),
+                64: Width((64, 64, 4), 1, 3), 80: Width((64, 32, 4), 2, 2), 128: Width((64, 32, 4), 1, 1)},
+        "bwd_z": {16: Width((64, 64, 4), 3, 7), 32: Width((64, 64, 4), 2, 5), 48: Width((32, 32, 4), 2, 4),
+                  64: Width((32, 64, 4), 2, 4), 80: Width((32, 16, 4), 2, 3), 128: Width((16, 32, 4), 2, 2)},
+        "bwd_m": {16: Width((64, 64, 4), 2, 8), 32: Width((32, 64, 4), 2, 4), 48: Width((32, 64, 4), 2, 4),
+                  64: Width((32, 64, 4), 2, 4), 80: Width((16, 32, 4), 2, 3), 128: Width((16, 32, 4), 2, 2)},
+    },
 }
-SMALL_RESIDENT = {
-    90: {"fwd": {16: 9, 32: 6, 48: 6, 64: 4, 80: 3, 128: 2}, "bwd_z": {16: 7, 32: 5, 48: 4, 64: 4, 80: 3, 128: 2},
-         "bwd_m": {16: 8, 32: 4, 48: 4, 64: 4, 80: 2, 128: 2}},
-    80: {"fwd": {16: 9, 32: 6, 48: 4, 64: 3, 80: 2, 128: 1}, "bwd_z": {16: 7, 32: 5, 48: 4, 64: 4, 80: 3, 128: 2},
-         "bwd_m": {16: 8, 32: 4, 48: 4, 64: 4, 80: 3, 128: 2}},
-}
+if set(ARCHS) != set(tiling.GPUS):
+    raise ImportError(f"kernels.mixture.ARCHS covers sm {sorted(ARCHS)}, kernels.tiling.GPUS sm {sorted(tiling.GPUS)}")
+
+
+def large_tiles(arch: int, kernel: str, K: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_M, num_warps) of a kernel above SMALL_WORK pairs: the entry of width K, else of the power
+    of two above it."""
+    widths = ARCHS[arch][kernel]
+    return (widths.get(K) or widths[tiling.pow2_at_least(K)]).tiles
 
 
 def resident_programs(kernel: str, B: int, M: int, K: int, target: tiling.Target) -> int:
     """Tabulated programs per SM of one mixture kernel; 0 (unknown: grids sized by program count alone)
-    off CUDA and on archs other than the tabulated sm_80 and sm_90, whose SMs hold other amounts."""
-    if not target.cuda or target.arch not in RESIDENT:
+    off CUDA, on archs other than the tabulated ones (whose SMs hold other amounts) and at widths not listed."""
+    if not target.cuda or target.arch not in ARCHS:
         return 0
-    table = SMALL_RESIDENT if B * M <= SMALL_WORK else RESIDENT
-    return table[target.arch][kernel].get(K, 0)
+    width = ARCHS[target.arch][kernel].get(K)
+    if width is None:
+        return 0
+    return width.small_resident if B * M <= SMALL_WORK else width.resident
 
 
 def tile_config(kernel: str, B: int, M: int, K: int, target: tiling.Target) -> tuple[int, int, int, int]:
     """(BLOCK_B, BLOCK_M, num_warps, num_stages) of one mixture kernel ('fwd', 'bwd_z', 'bwd_m') whose
-    operand rows are K floats (both column parts, see _k_parts); the table is keyed by K's power of two.
+    operand rows are K floats (both column parts, see _k_parts): SMALL_TILES up to SMALL_WORK pairs, else
+    :func:`large_tiles` of the architecture the device uses (tiling.table_arch).
 
     Three pipeline stages where the hi + lo tiles of the looped-over operand fit shared memory
     three times over next to the fixed operand (sm_80: 163 KiB, sm_90: 227 KiB per block), else
@@ -129,16 +138,13 @@ def tile_config(kernel: str, B: int, M: int, K: int, target: tiling.Target) -> t
     if not target.cuda:
         return CPU_BLOCKS[0], CPU_BLOCKS[1], 1, 1
     arch = tiling.table_arch(target)
-    if B * M <= SMALL_WORK:
-        bb, bm, warps = SMALL_TILES[kernel]
-    else:
-        bb, bm, warps = WIDTH_TILES[arch].get(kernel, {}).get(K) or CUDA_TILES[arch][kernel][tiling.pow2_at_least(K)]
+    bb, bm, warps = SMALL_TILES[kernel] if B * M <= SMALL_WORK else large_tiles(arch, kernel, K)
     loop_rows, fixed_rows = (bb, bm) if kernel == "bwd_m" else (bm, bb)
     per_stage = 2 * loop_rows * K * 4
     # sm_90 (wgmma) reads the fixed operand from shared memory; sm_80 keeps it in registers and
     # needs one buffer more than it has stages (measured by the compile report)
     fixed = 2 * fixed_rows * K * 4 if arch >= 90 else per_stage
-    stages = 3 if fixed + 3 * per_stage <= tiling.SHARED_LIMIT[arch] else 2
+    stages = 3 if fixed + 3 * per_stage <= tiling.GPUS[arch].shared_per_block else 2
     return bb, bm, warps, stages
 
 
@@ -565,27 +571,36 @@ def _(grad, z, means, log_weights, log_var, out, impl, chunk, need_z, need_compo
             log_var.new_empty(log_var.shape))
 
 
-def _setup_context(ctx, inputs, output):
+# Two autograd entries, one implementation: the custom op (torch.compile) and _EagerMixtureLogpdf (eager calls)
+# both run _forward, keep the same saved state through _save_for_backward and get their gradients through
+# _input_grads.
+def _save_for_backward(ctx, inputs: tuple, lse: Tensor) -> None:
+    """What the backward reads: the four input tensors, the forward's fp32 (fp64) log-sum-exp, impl and chunk."""
     z, means, log_weights, log_var, impl, chunk = inputs
-    ctx.save_for_backward(z, means, log_weights, log_var, output[1])
-    ctx.mark_non_differentiable(output[1])
-    ctx.impl = impl
-    ctx.chunk = chunk
+    ctx.save_for_backward(z, means, log_weights, log_var, lse)
+    ctx.impl, ctx.chunk = impl, chunk
 
 
-def _input_grads(ctx, grad, grads_of) -> tuple:
-    """Gradients of the op's inputs from its saved tensors through ``grads_of`` (the backward op or its body):
-    those asked for, None for the rest and for impl and chunk."""
+def _input_grads(ctx, grad: Tensor, through_op: bool) -> tuple:
+    """Gradients of the op's inputs from the state :func:`_save_for_backward` kept: those asked for, None for the
+    rest and for impl and chunk. ``through_op``: computed by the backward custom op (what torch.compile traces, and
+    what refuses a second derivative by name), else by its body :func:`_gradients` directly."""
     z, means, log_weights, log_var, lse = ctx.saved_tensors
     need = ctx.needs_input_grad
+    grads_of = _mixture_logpdf_backward_op if through_op else _gradients
     gz, gm, gw, glv = grads_of(grad, z, means, log_weights, log_var, lse, ctx.impl, ctx.chunk,
                                bool(need[0]), any(need[1:4]))
     return (gz if need[0] else None, gm if need[1] else None, gw if need[2] else None,
             glv if need[3] else None, None, None)
 
 
+def _setup_context(ctx, inputs, output):
+    _save_for_backward(ctx, inputs, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
 def _backward(ctx, grad, _grad_lse):
-    return _input_grads(ctx, grad, _mixture_logpdf_backward_op)
+    return _input_grads(ctx, grad, through_op=True)
 
 
 _mixture_logpdf_op.register_autograd(_backward, setup_context=_setup_context)
@@ -598,16 +613,16 @@ class _EagerMixtureLogpdf(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, means, log_weights, log_var, impl, chunk):
-        out, lse = _forward(z, means, log_weights, log_var, impl, chunk)
-        ctx.save_for_backward(z, means, log_weights, log_var, lse)
-        ctx.impl, ctx.chunk = impl, chunk
+        inputs = (z, means, log_weights, log_var, impl, chunk)
+        out, lse = _forward(*inputs)
+        _save_for_backward(ctx, inputs, lse)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         # First-order gradients only. Under create_graph=True go through the backward op, whose outputs refuse
         # a second derivative by name (no autograd formula registered) instead of passing as constants.
-        return _input_grads(ctx, grad, _mixture_logpdf_backward_op if torch.is_grad_enabled() else _gradients)
+        return _input_grads(ctx, grad, through_op=torch.is_grad_enabled())
 
 
 # ========================================================================================

@@ -13,15 +13,26 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Streaming multiprocessors and the per-block shared-memory limit (opt-in) of the GPUs the
-# tile table is written for: A100 (sm_80) and H100 (sm_90).
-SMS = {80: 108, 90: 132}
-SHARED_LIMIT = {80: 166912, 90: 232448}
+
+@dataclass(frozen=True)
+class Gpu:
+    """Hardware facts of one GPU architecture that launch parameters are written for. The per-SM limits
+    decide how many programs run at once (CUDA occupancy); registers are allocated per warp in units of 256."""
+    sms: int                # streaming multiprocessors of the reference card
+    shared_per_block: int   # opt-in shared-memory limit of one block, bytes
+    shared_per_sm: int      # shared memory of an SM, bytes (1 KiB of it reserved per block)
+    regs: int = 65536       # 32-bit registers per SM
+    threads: int = 2048     # threads per SM
+    blocks: int = 32        # blocks per SM
+
+
+# One entry per architecture with launch parameters (kernels/mixture.py, ARCHS, has the mixture kernels'
+# entry for each): A100 (sm_80) and H100 (sm_90).
+GPUS = {
+    80: Gpu(sms=108, shared_per_block=166912, shared_per_sm=167936),
+    90: Gpu(sms=132, shared_per_block=232448, shared_per_sm=233472),
+}
 MIN_PROGRAMS = 264  # two programs per SM of an H100: at least as many as any target has SMs x 2
-# Per-SM limits that decide how many programs run at once (CUDA occupancy): registers, shared memory
-# (1 KiB of it reserved per block), threads, blocks. Registers are allocated per warp in units of 256.
-SM_LIMITS = {80: dict(regs=65536, shared=167936, threads=2048, blocks=32),
-             90: dict(regs=65536, shared=233472, threads=2048, blocks=32)}
 MAX_WAVES = 8  # the split search stops there: more splits only add partial sums to combine
 
 
@@ -55,14 +66,15 @@ def _cuda_device_target(index: int) -> Target:
 
 def cuda_target(arch: int) -> Target:
     """A GPU of compute capability ``arch`` (80 or 90), for offline compilation."""
-    if arch not in SMS:
-        raise ValueError(f"no tile table for sm_{arch}; known: {', '.join(f'sm_{a}' for a in SMS)}")
-    return Target("cuda", arch, SMS[arch])
+    if arch not in GPUS:
+        raise ValueError(f"no tile table for sm_{arch}; known: {', '.join(f'sm_{a}' for a in GPUS)}")
+    return Target("cuda", arch, GPUS[arch].sms)
 
 
 def table_arch(target: Target) -> int:
-    """The tabulated architecture a device uses: sm_90 tiles from 9.0 up, sm_80 tiles below."""
-    return 90 if target.arch >= 90 else 80
+    """The tabulated architecture a device uses: the newest one not newer than it (sm_90 tiles from 9.0 up,
+    sm_80 tiles from 8.0 to 8.9), the oldest for older devices."""
+    return max((a for a in GPUS if a <= target.arch), default=min(GPUS))
 
 
 def min_programs(target: Target) -> int:
@@ -89,11 +101,11 @@ def cdiv(a: int, b: int) -> int:
 def resident_programs(arch: int, num_warps: int, regs: int, shared_bytes: int) -> int:
     """Programs of one kernel an SM holds at once, from its registers per thread and shared memory per
     program (what the compile report reads from the cubin)."""
-    lim = SM_LIMITS[table_arch(Target("cuda", arch))]
+    gpu = GPUS[table_arch(Target("cuda", arch))]
     per_warp = cdiv(max(regs, 1) * 32, 256) * 256
-    by_regs = lim["regs"] // (per_warp * num_warps)
-    by_shared = lim["shared"] // (shared_bytes + 1024) if shared_bytes else lim["blocks"]
-    return max(0, min(by_regs, by_shared, lim["threads"] // (32 * num_warps), lim["blocks"]))
+    by_regs = gpu.regs // (per_warp * num_warps)
+    by_shared = gpu.shared_per_sm // (shared_bytes + 1024) if shared_bytes else gpu.blocks
+    return max(0, min(by_regs, by_shared, gpu.threads // (32 * num_warps), gpu.blocks))
 
 
 SPLIT_ENV = "BYPE_KERNEL_SPLIT"  # waves (default) | programs: the rule of split(), for A/B timings on a GPU
