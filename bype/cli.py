@@ -88,7 +88,6 @@ def _print_report(report: dict, run_dir: str) -> None:
 def _cmd_eval(args) -> int:
     import logging
 
-    from bype import memory
     from bype.atomic import write_text_atomic
     from bype.eval.priors import compare_priors, format_table, parse_priors
     from bype.eval.evaluate import evaluate
@@ -104,14 +103,14 @@ def _cmd_eval(args) -> int:
     ctx = init_distributed(cfg)  # under torchrun every rank evaluates its slice of the test set
     setup_logging(ctx.rank)
     model.to(ctx.device)
-    memory.configure(args.memory_mb or cfg.eval.memory_mb)
+    memory_mb = args.memory_mb or cfg.eval.memory_mb
     if names is not None:
         report = compare_priors(model, data, names, args.samples, components=cfg.prior.components, seed=cfg.seed,
-                                max_rows=args.batch, limit=args.limit, ctx=ctx, log=log.info)
+                                max_rows=args.batch, limit=args.limit, ctx=ctx, log=log.info, memory_mb=memory_mb)
         out, text = os.path.join(args.run_dir, "priors.json"), format_table(report)
     else:
         report = evaluate(model, data.test, data.train_split(), args.samples, args.batch,
-                          [] if args.no_knn else cfg.eval.knn_k, limit=args.limit, ctx=ctx)
+                          [] if args.no_knn else cfg.eval.knn_k, limit=args.limit, ctx=ctx, memory_mb=memory_mb)
         out, text = os.path.join(args.run_dir, f"eval_S{args.samples}.json"), json.dumps(report, indent=2)
     if ctx.is_main:
         write_text_atomic(out, json.dumps(report, indent=2) + "\n")

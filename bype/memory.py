@@ -23,17 +23,10 @@ log = logging.getLogger("bype")
 
 DEFAULT_MEMORY_MB = 2048  # fits a laptop beside the model; raise it on a large GPU for bigger chunks
 SAFETY = 0.8  # fraction of the budget given to the probe's linear fit (allocator slack, kernels' own tiles)
-_budget_bytes = DEFAULT_MEMORY_MB * 2**20
 
 
 class EvalMemoryError(ValueError):
     """The budget cannot hold even the smallest chunk."""
-
-
-def configure(memory_mb: float) -> None:
-    """Set the process-wide evaluation budget (the trainer and `bype eval` call it from eval.memory_mb)."""
-    global _budget_bytes
-    _budget_bytes = int(memory_mb * 2**20)
 
 
 class TensorPeak(TorchDispatchMode):
@@ -89,13 +82,13 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
 
 
 def rows_within(run: Callable[[int], object], device: torch.device, what: str, cap: Optional[int] = None,
-                budget: Optional[int] = None, probe: tuple[int, int] = (4, 12)) -> int:
-    """The largest row count n for which `run(n)` fits the budget (at most `cap`, at least 1).
+                memory_mb: float = DEFAULT_MEMORY_MB, probe: tuple[int, int] = (4, 12)) -> int:
+    """The largest row count n for which `run(n)` fits `memory_mb` (at most `cap`, at least 1).
 
     `run(n)` evaluates one chunk of n rows; it is called once to warm up, then on the two probe sizes,
     inside a forked RNG.
     """
-    budget = _budget_bytes if budget is None else budget
+    budget = memory_mb * 2**20
     small, large = probe
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         run(1)  # fills caches that the first call builds (the Exemplar prior's encoded bank)
@@ -112,11 +105,11 @@ def rows_within(run: Callable[[int], object], device: torch.device, what: str, c
     return rows
 
 
-def encode_rows(model, data_dim: int) -> int:
+def encode_rows(model, data_dim: int, memory_mb: float = DEFAULT_MEMORY_MB) -> int:
     """Rows per chunk for the encoder alone (kNN means, the Exemplar prior's bank, prior components)."""
     device = next(model.parameters()).device
     return rows_within(lambda n: model.encode_flat(torch.zeros(n, data_dim, device=device)), device,
-                       "the encoder")
+                       "the encoder", memory_mb=memory_mb)
 
 
 @contextlib.contextmanager

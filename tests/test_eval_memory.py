@@ -52,11 +52,11 @@ def test_rows_follow_the_budget_and_the_cap():
         return torch.zeros(n, 2**18)
 
     cpu = torch.device("cpu")
-    rows = memory.rows_within(run, cpu, "test", budget=100 * 2**20)
+    rows = memory.rows_within(run, cpu, "test", memory_mb=100)
     assert rows == int(memory.SAFETY * 100)  # the linear fit recovers 1 MB per row exactly
-    assert memory.rows_within(run, cpu, "test", cap=7, budget=100 * 2**20) == 7
+    assert memory.rows_within(run, cpu, "test", cap=7, memory_mb=100) == 7
     with pytest.raises(memory.EvalMemoryError, match="eval.memory_mb"):
-        memory.rows_within(run, cpu, "test", budget=2**19)
+        memory.rows_within(run, cpu, "test", memory_mb=0.5)
 
 
 def test_chunking_changes_memory_not_results(tmp_path, fmnist_root):
@@ -97,20 +97,16 @@ def test_one_evaluation_of_celeba_sized_photos_stays_within_the_budget(tmp_path)
     model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     n_samples = 100  # unchunked: 100 rows x ~116k pixels and a dozen [rows, D] temporaries, over 500 MB
 
-    memory.configure(budget_mb)
-    try:
-        _release_free_heap()
-        meter = MemoryMeter(torch.device("cpu"))
-        if not meter.method.startswith("VmHWM"):
-            pytest.skip("needs /proc/self/clear_refs to reset the resident high-water mark")
-        report = evaluate(model, test, reference, n_samples, None, [1], log=lambda *_: None)
-        _, added_mb = meter.read()
-    finally:
-        memory.configure(memory.DEFAULT_MEMORY_MB)
+    _release_free_heap()
+    meter = MemoryMeter(torch.device("cpu"))
+    if not meter.method.startswith("VmHWM"):
+        pytest.skip("needs /proc/self/clear_refs to reset the resident high-water mark")
+    report = evaluate(model, test, reference, n_samples, None, [1], log=lambda *_: None, memory_mb=budget_mb)
+    _, added_mb = meter.read()
     assert np.isfinite(report["test_nll"]) and report["bits_per_dim"] > 0
     # The budget bounds the chunks; beside them live the model, one chunk's inputs and the per-example results.
     allowed_mb = budget_mb + model_bytes / 2**20 + 32
     assert added_mb <= allowed_mb, f"evaluation added {added_mb:.0f} MB resident, budget {budget_mb} MB"
     rows = memory.rows_within(lambda k: model.log_weights_is(photos[:1].reshape(1, -1).float() / 255, k),
-                                   torch.device("cpu"), "check", budget=budget_mb * 2**20)
+                                   torch.device("cpu"), "check", memory_mb=budget_mb)
     assert rows < n_samples / 4  # the budget did cut the work into several chunks per example

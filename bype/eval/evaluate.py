@@ -21,7 +21,7 @@ from typing import Optional, Union
 import torch
 
 from bype.data.memory import Split
-from bype.memory import chunked_encoder, encode_rows, rows_within
+from bype.memory import DEFAULT_MEMORY_MB, chunked_encoder, encode_rows, rows_within
 from bype.eval.noise import IndexNoise
 from bype.parallel.gather import gather_rows
 from bype.parallel.process_group import sum_over_ranks
@@ -65,13 +65,13 @@ def model_inputs(model, split: Split, batch_size: int = 1000, stream: int = TEST
                       for a in range(0, len(split), batch_size)])
 
 
-def _encoder_chunk(model) -> int:
-    return encode_rows(model, model.data_dim)
+def _encoder_chunk(model, memory_mb: float) -> int:
+    return encode_rows(model, model.data_dim, memory_mb)
 
 
 @torch.no_grad()
 def validation_loss(model, data: Inputs, batch_size: Optional[int] = None, seed: int = EVAL_SEED,
-                    ctx=None) -> dict:
+                    ctx=None, memory_mb: float = DEFAULT_MEMORY_MB) -> dict:
     """Negative ELBO (beta = 1) averaged over `data`, with noise keyed by example index (fixed).
 
     `batch_size` None: chunks sized by the memory budget. Sharded over the ranks of `ctx`."""
@@ -81,10 +81,10 @@ def validation_loss(model, data: Inputs, batch_size: Optional[int] = None, seed:
     n = _count(data)
     lo, hi = shard_range(n, rank, world)
     try:
-        with chunked_encoder(model, _encoder_chunk(model)):
+        with chunked_encoder(model, _encoder_chunk(model, memory_mb)):
             probe = chunk_inputs(model, data, 0, 1, VAL)
             rows = batch_size or rows_within(lambda k: model.loss(probe.repeat(k, 1), None, 1.0),
-                                             _device(model), "validation")
+                                             _device(model), "validation", memory_mb=memory_mb)
             tot = [0.0, 0.0, 0.0]
             for a in range(lo, hi, rows):
                 b = min(a + rows, hi)
@@ -104,7 +104,7 @@ def validation_loss(model, data: Inputs, batch_size: Optional[int] = None, seed:
 @torch.no_grad()
 def importance_sampled_ll(model, data: Inputs, n_samples: int, max_rows: Optional[int] = None,
                           progress=None, stream: int = TEST, ctx=None,
-                          log_weights=None) -> tuple[torch.Tensor, torch.Tensor]:
+                          log_weights=None, memory_mb: float = DEFAULT_MEMORY_MB) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example IS estimate log (1/S) sum_s w_s and the ELBO estimate mean_s log w_s (all examples,
     on every rank; each rank computes its slice).
 
@@ -119,10 +119,10 @@ def importance_sampled_ll(model, data: Inputs, n_samples: int, max_rows: Optiona
     n = _count(data)
     lo, hi = shard_range(n, rank, world)
     ll, elbo = [], []
-    with chunked_encoder(model, _encoder_chunk(model)):
+    with chunked_encoder(model, _encoder_chunk(model, memory_mb)):
         probe = chunk_inputs(model, data, 0, 1, stream)
         rows = rows_within(lambda k: log_weights(probe, k), _device(model), "importance sampling",
-                           cap=max_rows)
+                           cap=max_rows, memory_mb=memory_mb)
         tail = tuple(log_weights(probe, 1).shape[2:])  # () or (P,)
         per_chunk, s_chunk = max(1, rows // n_samples), min(n_samples, rows)
         for a in range(lo, hi, per_chunk):
@@ -147,16 +147,18 @@ def importance_sampled_ll(model, data: Inputs, n_samples: int, max_rows: Optiona
 
 
 @torch.no_grad()
-def encoder_means(model, split: Split, stream: int = REFERENCE, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+def encoder_means(model, split: Split, stream: int = REFERENCE, lo: int = 0, hi: Optional[int] = None,
+                  memory_mb: float = DEFAULT_MEMORY_MB) -> torch.Tensor:
     """Encoder means of examples [lo, hi) of a split, on the CPU, in chunks sized by the budget."""
     hi = len(split) if hi is None else hi
-    rows = _encoder_chunk(model)
+    rows = _encoder_chunk(model, memory_mb)
     out = [model.encode_flat(chunk_inputs(model, split, a, min(a + rows, hi), stream))[0].cpu()
            for a in range(lo, hi, rows)]
     return torch.cat(out) if out else torch.zeros(0, model.latent_dim)
 
 
-def knn_accuracy(model, train: Split, test: Split, ks: list[int], ctx=None) -> dict[str, float]:
+def knn_accuracy(model, train: Split, test: Split, ks: list[int], ctx=None,
+                 memory_mb: float = DEFAULT_MEMORY_MB) -> dict[str, float]:
     """kNN classification (Euclidean) on encoder means: train(+val) as the reference set, test queried.
 
     Sharded: the reference means are encoded by slices and all-gathered; each rank classifies its slice of
@@ -165,10 +167,10 @@ def knn_accuracy(model, train: Split, test: Split, ks: list[int], ctx=None) -> d
 
     rank, world = _world(ctx)
     model.eval()
-    ref = gather_rows(encoder_means(model, train, REFERENCE, *shard_range(len(train), rank, world)),
+    ref = gather_rows(encoder_means(model, train, REFERENCE, *shard_range(len(train), rank, world), memory_mb),
                       shard_sizes(len(train), world)).numpy()
     lo, hi = shard_range(len(test), rank, world)
-    query = encoder_means(model, test, TEST, lo, hi).numpy()
+    query = encoder_means(model, test, TEST, lo, hi, memory_mb).numpy()
     correct = []
     for k in ks:
         clf = KNeighborsClassifier(n_neighbors=k, algorithm="brute").fit(ref, train.y.numpy())
@@ -178,8 +180,9 @@ def knn_accuracy(model, train: Split, test: Split, ks: list[int], ctx=None) -> d
 
 
 def evaluate(model, test: Split, reference: Split, n_samples: int, max_rows: Optional[int], knn_k: list[int],
-             limit: Optional[int] = None, log=print, ctx=None) -> dict:
-    """The report of a trained model: test NLL (nats, and bits/dim for 8-bit data), ELBO, kNN.
+             limit: Optional[int] = None, log=print, ctx=None, memory_mb: float = DEFAULT_MEMORY_MB) -> dict:
+    """The report of a trained model: test NLL (nats, and bits/dim for 8-bit data), ELBO, kNN, its chunks
+    sized to `memory_mb` (eval.memory_mb).
 
     Every rank of `ctx` must call it; each evaluates its slice and all return the same report."""
     test = test.head(limit)
@@ -198,7 +201,7 @@ def evaluate(model, test: Split, reference: Split, n_samples: int, max_rows: Opt
             log(f"eval: {seen[0]}/{n_mine} examples" + (f" (rank 0 of {world}, {n} in all)" if world > 1 else "")
                 + f", {rate:.1f} ex/s, ETA {(n_mine - seen[0]) / rate:.0f}s")
 
-    ll, elbo = importance_sampled_ll(model, test, n_samples, max_rows, progress, TEST, ctx)
+    ll, elbo = importance_sampled_ll(model, test, n_samples, max_rows, progress, TEST, ctx, memory_mb=memory_mb)
     report = {
         "test_nll": float(-ll.mean()),
         "test_elbo": float(elbo.mean()),
@@ -209,5 +212,5 @@ def evaluate(model, test: Split, reference: Split, n_samples: int, max_rows: Opt
     if model.likelihood.name != "bernoulli":
         report["bits_per_dim"] = report["test_nll"] / (model.data_dim * math.log(2))
     if knn_k:
-        report.update(knn_accuracy(model, reference, test, knn_k, ctx))
+        report.update(knn_accuracy(model, reference, test, knn_k, ctx, memory_mb))
     return report

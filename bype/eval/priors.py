@@ -27,7 +27,7 @@ from torch import nn
 
 import kernels
 from bype.coreset.exemplar import all_means
-from bype.memory import encode_rows
+from bype.memory import DEFAULT_MEMORY_MB, encode_rows
 from bype.eval.evaluate import TEST, importance_sampled_ll
 from bype.models.priors import Prior
 from bype.seeds import derive_seed
@@ -44,8 +44,10 @@ class FixedMixturePrior(Prior):
 
     kind = "fixed"
 
-    def __init__(self, rows: torch.Tensor, log_weights: torch.Tensor, log_var: Optional[torch.Tensor]):
+    def __init__(self, rows: torch.Tensor, log_weights: torch.Tensor, log_var: Optional[torch.Tensor],
+                 memory_mb: float = DEFAULT_MEMORY_MB):
         super().__init__()
+        self.memory_mb = memory_mb
         self.rows, self.log_weights, self.log_var = rows, log_weights, log_var
         self._components: Optional[tuple] = None
 
@@ -64,7 +66,7 @@ class FixedMixturePrior(Prior):
 
             with torch.no_grad():
                 enc = all_means(lambda x: torch.cat(model.encode_flat(x), -1), chunk, rows.shape[0],
-                                encode_rows(model, rows.shape[1]))
+                                encode_rows(model, rows.shape[1], self.memory_mb))
             mu, logvar = enc.split(enc.shape[1] // 2, -1)
             self._components = (mu, logvar if self.log_var is None else self.log_var.detach().to(dev))
         return self._components
@@ -83,7 +85,8 @@ def _shared_log_var(prior) -> Optional[torch.Tensor]:
     return None if prior.kind == "vampprior" else prior.log_var.detach()
 
 
-def kmeans_rows(model, train_x: torch.Tensor, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans_rows(model, train_x: torch.Tensor, m: int, seed: int,
+                memory_mb: float = DEFAULT_MEMORY_MB) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means (M centres) on the encoder means of the training images; returns (rows [M, D] uint8: the
     image encoded nearest each centre, log weights from the cluster sizes)."""
     from sklearn.cluster import KMeans
@@ -92,7 +95,7 @@ def kmeans_rows(model, train_x: torch.Tensor, m: int, seed: int) -> tuple[torch.
     flat = train_x.reshape(train_x.shape[0], -1)
     with torch.no_grad():
         means = all_means(lambda x: model.encode_flat(x)[0], lambda lo, hi: flat[lo:hi].to(dev).float() / 255.0,
-                          flat.shape[0], encode_rows(model, flat.shape[1])).cpu().double()
+                          flat.shape[0], encode_rows(model, flat.shape[1], memory_mb)).cpu().double()
     km = KMeans(n_clusters=m, n_init=1, random_state=seed % 2**31).fit(means.numpy())
     centres = torch.from_numpy(km.cluster_centers_)
     nearest = torch.cdist(centres, means).argmin(1)
@@ -100,7 +103,8 @@ def kmeans_rows(model, train_x: torch.Tensor, m: int, seed: int) -> tuple[torch.
     return flat[nearest], torch.log(sizes / sizes.sum()).float()
 
 
-def build_eval_prior(name: str, own: Prior, model, data, components: int, seed: int) -> Prior:
+def build_eval_prior(name: str, own: Prior, model, data, components: int, seed: int,
+                     memory_mb: float = DEFAULT_MEMORY_MB) -> Prior:
     """The prior `name` (one of PRIORS) beside the run's own prior `own`; `components` M for random, kmeans."""
     if name == "own":
         return own
@@ -111,15 +115,16 @@ def build_eval_prior(name: str, own: Prior, model, data, components: int, seed: 
     if name == "uniform":
         if own.kind != "bype":
             raise ValueError(f"--priors: 'uniform' re-weights a ByPE run's pseudodata; this run's prior is {own.kind!r}")
-        return FixedMixturePrior(own.U.detach().clone(), _uniform(own.n_components), log_var)
+        return FixedMixturePrior(own.U.detach().clone(), _uniform(own.n_components), log_var, memory_mb)
     if name == "random":
         g = torch.Generator().manual_seed(derive_seed("eval-priors-random", seed))
-        return FixedMixturePrior(data.init_rows(components, g), _uniform(components), log_var)
+        return FixedMixturePrior(data.init_rows(components, g), _uniform(components), log_var, memory_mb)
     if name == "kmeans":
-        rows, log_w = kmeans_rows(model, train_x, components, seed)
-        return FixedMixturePrior(rows, log_w, log_var)
+        rows, log_w = kmeans_rows(model, train_x, components, seed, memory_mb)
+        return FixedMixturePrior(rows, log_w, log_var, memory_mb)
     if name == "exemplar":
-        return FixedMixturePrior(train_x.reshape(train_x.shape[0], -1), _uniform(train_x.shape[0]), log_var)
+        return FixedMixturePrior(train_x.reshape(train_x.shape[0], -1), _uniform(train_x.shape[0]), log_var,
+                                 memory_mb)
     raise ValueError(f"--priors: unknown prior {name!r} (choose from {', '.join(PRIORS)})")
 
 
@@ -173,6 +178,7 @@ def log_weights_under(model, own: Prior, alternates: list[Prior]):
 
 def compare_priors(model, data, names: list[str], n_samples: int, *, components: int, seed: int,
                    max_rows: Optional[int] = None, limit: Optional[int] = None, ctx=None,
+                   memory_mb: float = DEFAULT_MEMORY_MB,
                    log: Callable[[str], None] = print) -> dict:
     """Test NLL of the frozen model under each prior in `names`, all on the same importance samples."""
     test = data.test.head(limit)
@@ -181,14 +187,14 @@ def compare_priors(model, data, names: list[str], n_samples: int, *, components:
     own = model.prior
     model.eval()
     t0 = time.time()
-    priors = {name: build_eval_prior(name, own, model, data, components, seed) for name in names}
+    priors = {name: build_eval_prior(name, own, model, data, components, seed, memory_mb) for name in names}
     for prior in priors.values():
         if isinstance(prior, FixedMixturePrior):
             prior.components(model)  # collective under torchrun: every rank encodes here, in step
     alternates = [p for name, p in priors.items() if name != "own"]
     log(f"eval --priors: {', '.join(names)} on {len(test)} test images, S = {n_samples}")
     ll, _ = importance_sampled_ll(model, test, n_samples, max_rows, None, TEST, ctx,
-                                  log_weights=log_weights_under(model, own, alternates))
+                                  log_weights=log_weights_under(model, own, alternates), memory_mb=memory_mb)
     column = {"own": 0, **{name: i + 1 for i, name in enumerate(n for n in names if n != "own")}}
     rows = {name: {"test_nll": float(-ll[:, column[name]].mean()), "components": priors[name].n_components}
             for name in names}

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import kernels
+from bype.memory import DEFAULT_MEMORY_MB, encode_rows
 from bype.parallel import RowShard, all_gather_rows, gather_rows
 
 LOG_2PI = math.log(2 * math.pi)
@@ -133,8 +134,10 @@ class ExemplarPrior(Prior):
 
     kind = "exemplar"
 
-    def __init__(self, bank: torch.Tensor, subset: int, knn: int, log_var_init: float):
+    def __init__(self, bank: torch.Tensor, subset: int, knn: int, log_var_init: float,
+                 memory_mb: float = DEFAULT_MEMORY_MB):
         super().__init__()
+        self.memory_mb = memory_mb  # encoding the bank runs in chunks sized to this budget (eval.memory_mb)
         # Flattened training images [N, D], kept as uint8 (4x smaller than floats; CelebA-sized banks).
         self.register_buffer("bank", _as_uint8(bank), persistent=False)
         self.subset = subset
@@ -152,10 +155,8 @@ class ExemplarPrior(Prior):
 
     @torch.no_grad()
     def _all_means(self, model, bank: Optional[torch.Tensor] = None) -> torch.Tensor:
-        from bype.memory import encode_rows
-
         bank = self.bank if bank is None else bank
-        chunk = encode_rows(model, bank.shape[1])  # rows per chunk from the memory budget (eval.memory_mb)
+        chunk = encode_rows(model, bank.shape[1], self.memory_mb)
         return torch.cat([model.encode_flat(b.float() / 255.0)[0] for b in bank.split(chunk)])
 
     def on_epoch_start(self, model):
@@ -262,5 +263,5 @@ def build_prior(cfg, data_dim: int, bank: Optional[torch.Tensor] = None) -> Prio
     if p.kind == "exemplar":
         if bank is None:
             bank = torch.zeros(1, data_dim)
-        return ExemplarPrior(bank, p.exemplar.subset, p.exemplar.knn, p.log_var_init)
+        return ExemplarPrior(bank, p.exemplar.subset, p.exemplar.knn, p.log_var_init, cfg.eval.memory_mb)
     raise ValueError(f"prior.kind: unknown prior {p.kind!r}")

@@ -23,7 +23,6 @@ from bype.config import Config, config_from_dict, to_dict
 from bype.data import DataBundle, device_batches, load_data
 from bype.parallel.process_group import DistContext, all_reduce_sum, barrier, broadcast, check_replicated, init_distributed
 from bype.train.engines import build_engine
-from bype import memory
 from bype.train.cost_estimate import estimate_costs
 from bype.eval.evaluate import evaluate, validation_loss
 from bype.train.metrics import MetricsWriter, Progress, read_metrics, setup_logging
@@ -79,7 +78,6 @@ class Trainer:
         check_start(cfg, resume, self.ctx.world_size)
         self.rundir = RunDirectory(self.run_dir, self.ctx.is_main)
         seed_everything(cfg.seed)  # the same seed on every rank: identical initialisation everywhere
-        memory.configure(cfg.eval.memory_mb)
 
         self.data: DataBundle = load_data(cfg, self.ctx.rank, self.ctx.world_size)
         bank = self.data.train_split().x.flatten(1) if cfg.prior.kind == "exemplar" else None
@@ -249,7 +247,7 @@ class Trainer:
                 check_replicated(self._replicated(), f"coreset after the update of epoch {epoch}")
             elif self.model.prior.kind == "exemplar":
                 check_replicated(self._replicated(), f"exemplar-subset RNG after epoch {epoch}")
-            val = validation_loss(self.model, self.data.val, ctx=self.ctx)  # sharded over the ranks
+            val = validation_loss(self.model, self.data.val, ctx=self.ctx, memory_mb=cfg.eval.memory_mb)  # sharded
             record.update({f"val_{k}": v for k, v in val.items()})
             # Rank 0's clock for everyone: a time budget must stop all ranks after the same epoch.
             seconds = broadcast(torch.tensor(time.time() - t0, dtype=torch.float64, device=self.ctx.device)).item()
@@ -292,7 +290,8 @@ class Trainer:
             log.info("evaluating the best model (epoch %d) on %d test examples, S=%d", self.best_epoch,
                      len(self.data.test), cfg.eval.is_samples)
             report.update(evaluate(self.model, self.data.test, self.data.train_split(), cfg.eval.is_samples,
-                                   cfg.eval.is_batch, cfg.eval.knn_k, log=log.info, ctx=self.ctx))
+                                   cfg.eval.is_batch, cfg.eval.knn_k, log=log.info, ctx=self.ctx,
+                                   memory_mb=cfg.eval.memory_mb))
         if not self.ctx.is_main:
             barrier()
             return None
