@@ -68,3 +68,22 @@ def test_parse_and_gap_closed():
         parse_priors(" , ")
     assert gap_closed({"own": 240.0, "random": 242.0, "exemplar": 238.0}) == 0.5
     assert gap_closed({"own": 240.0, "random": 242.0}) is None
+
+
+@pytest.mark.dist
+def test_two_ranks_compare_priors_like_one_process(tmp_path, fmnist_root, capsys):
+    from tests.test_distributed import TORCHRUN, run
+
+    run_dir = _train(tmp_path, "dist", "coreset.every=1")
+    capsys.readouterr()
+    one, _ = _priors(run_dir, "own,random,exemplar", capsys)
+    os.remove(os.path.join(run_dir, "priors.json"))
+    # Each rank encodes its block of the 1000 exemplars and evaluates its slice of the 60 test images.
+    run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "bype.cli", "eval", run_dir,
+         "--priors", "own,random,exemplar", "--samples", "16", "--limit", "60"], timeout=300)
+    two = json.load(open(os.path.join(run_dir, "priors.json")))
+    for name, row in one["priors"].items():
+        # The same keyed noise and the same components: only the float32 rounding of other chunk shapes
+        # differs, a few eps32 of each log-weight (~300 nats) per example.
+        assert two["priors"][name]["test_nll"] == pytest.approx(row["test_nll"], rel=16 * EPS32), name
+        assert two["priors"][name]["components"] == row["components"]
