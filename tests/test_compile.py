@@ -51,8 +51,7 @@ def test_loss_traces_as_one_graph(arch, prior):
     n_draws = 1 if arch == "vae" else 2  # hierarchical models draw z2 and z1
     tape = NoiseTape()
     tape.draws = [RowNoise(0, 1, 0).randn_like(torch.empty(len(x), 6)) for _ in range(n_draws)]
-    model.noise = tape
-    explained = torch._dynamo.explain(model)(x, idx, torch.tensor(0.5))
+    explained = torch._dynamo.explain(model)(x, idx, torch.tensor(0.5), tape)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
     if prior == "bype":  # the mixture prior is the kernels' custom op: one node, traced through
@@ -69,9 +68,7 @@ def test_compiled_loss_matches_eager_with_the_same_noise(device):
     for step in range(3):  # step 0 records the draws eagerly, steps 1-2 replay them into the graph
         losses, grads = [], []
         for model, call in ((eager, eager), (compiled, fn)):
-            model.noise = RowNoise(0, 1, step)
-            loss, stats = call(x, idx, 0.5)
-            model.noise = None
+            loss, stats = call(x, idx, 0.5, RowNoise(0, 1, step))
             model.zero_grad()
             loss.backward()
             losses.append(loss.detach())
@@ -108,11 +105,8 @@ def test_bf16_autocast_keeps_heads_and_prior_in_fp32(tmp_path, device):
     seen = {}
     log_prob = model.prior.log_prob
     model.prior.log_prob = lambda z, m, i=None: seen.setdefault("log_p", log_prob(z, m, i))
-    model.noise = RowNoise(0, 1, 0)
-    loss_bf16, _ = engine(x, idx, 1.0)
-    model.noise = RowNoise(0, 1, 0)
-    loss_fp32, _ = model(x, idx, 1.0)
-    model.noise = None
+    loss_bf16, _ = engine(x, idx, 1.0, RowNoise(0, 1, 0))
+    loss_fp32, _ = model(x, idx, 1.0, RowNoise(0, 1, 0))
     assert seen["log_p"].dtype == torch.float32 and loss_bf16.dtype == torch.float32
     # bf16 matmuls carry 8 bits of mantissa: the ~500-nat loss moves by well under 1%
     assert abs(loss_bf16.item() - loss_fp32.item()) < 1e-2 * abs(loss_fp32.item())

@@ -64,12 +64,10 @@ def main(argv: list[str]) -> int:
     trainer = Trainer(load_config(None, overrides))
     ctx, model = trainer.ctx, trainer.model
     x, _, idx = next(iter(trainer.data.train_loader.epoch(1)))
-    model.noise = RowNoise(trainer.cfg.seed, 1, 0, ctx.rank, ctx.world_size)
-    x = model.preprocess(x.to(ctx.device))
+    x = model.preprocess(x.to(ctx.device), RowNoise(trainer.cfg.seed, 1, 0, ctx.rank, ctx.world_size))
     shard = model.prior.row_shard
     rows = shard.range(model.prior.n_components) if shard is not None else (0, model.prior.n_components)
     prof = step_profile(model, x, idx.to(ctx.device), step=trainer.engine, prior_rows_here=rows[1] - rows[0])
-    model.noise = None
     prof.update(machine_figures(prof["allreduce_bytes"], prof["gather_bytes"]), rank=ctx.rank,
                 threads=torch.get_num_threads())
     ranks = [prof]

@@ -355,12 +355,11 @@ def count_step_flops(trainer) -> int:
     model, dev = trainer.model, trainer.ctx.device
     x, _, idx = next(iter(trainer.data.train_loader.epoch(1)))
     model.train()
-    model.noise = RowNoise(trainer.cfg.seed, 1, 0)
+    noise = RowNoise(trainer.cfg.seed, 1, 0)
     with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
-        loss, _ = trainer.engine(model.preprocess(x.to(dev)), idx.to(dev), trainer.beta(1))
+        loss, _ = trainer.engine(model.preprocess(x.to(dev), noise), idx.to(dev), trainer.beta(1), noise)
         trainer.engine.backward(loss)
         trainer.engine.step()
-    model.noise = None
     _sync(dev)
     return int(counter.get_total_flops())
 
@@ -392,13 +391,12 @@ def record_matmuls(trainer) -> list:
     model, dev = trainer.model, trainer.ctx.device
     x, _, idx = next(iter(trainer.data.train_loader.epoch(1)))
     model.train()
-    model.noise = RowNoise(trainer.cfg.seed, 1, 0)
+    noise = RowNoise(trainer.cfg.seed, 1, 0)
     autocast = getattr(trainer.engine, "autocast", {"device_type": dev.type, "enabled": False})
     with Recorder() as rec:
         with torch.autocast(**autocast):
-            loss, _ = model(model.preprocess(x.to(dev)), idx.to(dev), trainer.beta(1))
+            loss, _ = model(model.preprocess(x.to(dev), noise), idx.to(dev), trainer.beta(1), noise)
         loss.backward()
-    model.noise = None
     model.zero_grad(set_to_none=True)
     return rec.calls
 

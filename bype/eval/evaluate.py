@@ -45,13 +45,7 @@ def chunk_inputs(model, data: Inputs, start: int, stop: int, stream: int) -> tor
     if isinstance(data, torch.Tensor):
         return data[start:stop].to(_device(model))
     x = data.x[start:stop].to(_device(model)).float().div_(255.0)
-    if model.likelihood.name != "bernoulli":
-        return model.preprocess(x)
-    model.noise = IndexNoise(EVAL_SEED, stream, torch.arange(start, stop))
-    try:
-        return model.preprocess(x)
-    finally:
-        model.noise = None
+    return model.preprocess(x, IndexNoise(EVAL_SEED, stream, torch.arange(start, stop)))
 
 
 def _count(data: Inputs) -> int:
@@ -89,13 +83,10 @@ def validation_loss(model, data: Inputs, batch_size: Optional[int] = None, seed:
             for a in range(lo, hi, rows):
                 b = min(a + rows, hi)
                 x = chunk_inputs(model, data, a, b, VAL)
-                model.noise = IndexNoise(seed, VAL, torch.arange(a, b))
-                loss, stats = model.loss(x, None, 1.0)
-                model.noise = None
+                loss, stats = model.loss(x, None, 1.0, IndexNoise(seed, VAL, torch.arange(a, b)))
                 for i, v in enumerate((loss, stats["rec"], stats["kl"])):
                     tot[i] += v.item() * (b - a)
     finally:
-        model.noise = None
         model.train(was_training)
     tot = sum_over_ranks(tot)
     return {k: v / n for k, v in zip(("loss", "rec", "kl"), tot)}
@@ -109,7 +100,7 @@ def importance_sampled_ll(model, data: Inputs, n_samples: int, max_rows: Optiona
     on every rank; each rank computes its slice).
 
     A chunk holds as many (example x sample) rows as the memory budget allows, at most `max_rows`; when
-    fewer than S fit, an example's samples are split over several chunks. `log_weights(x, k)` replaces
+    fewer than S fit, an example's samples are split over several chunks. `log_weights(x, k, noise)` replaces
     `model.log_weights_is`; it may return [b, k, P] (P variants of the weights on the same samples, e.g.
     under P priors: bype.eval.priors), and the results are then [n, P].
     """
@@ -131,11 +122,8 @@ def importance_sampled_ll(model, data: Inputs, n_samples: int, max_rows: Optiona
             pieces = []
             for s0 in range(0, n_samples, s_chunk):
                 s1 = min(s0 + s_chunk, n_samples)
-                model.noise = IndexNoise(EVAL_SEED, stream, torch.arange(a, b), s0, s1)
-                try:
-                    pieces.append(log_weights(x, s1 - s0).double())
-                finally:
-                    model.noise = None
+                noise = IndexNoise(EVAL_SEED, stream, torch.arange(a, b), s0, s1)
+                pieces.append(log_weights(x, s1 - s0, noise).double())
             lw = torch.cat(pieces, 1)
             ll.append(torch.logsumexp(lw, 1) - math.log(n_samples))
             elbo.append(lw.mean(1))

@@ -52,7 +52,7 @@ def normal_from_bits(h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class IndexNoise:
-    """The `model.noise` of one evaluation chunk: examples `index` [b] of a split, samples s0 .. s1-1 of
+    """The noise of one evaluation chunk: examples `index` [b] of a split, samples s0 .. s1-1 of
     each (rows example-major, samples adjacent, as `log_weights_is` lays them out). Each call is one
     draw (z2, then z1, ...), numbered in order, so a model's successive draws differ."""
 

@@ -163,13 +163,13 @@ class PriorTap(Prior):
 
 
 def log_weights_under(model, own: Prior, alternates: list[Prior]):
-    """`log_weights(x, k) -> [b, k, 1 + len(alternates)]`: the importance weights under `own` and each
-    alternate prior, on the same samples z (one encoder and decoder pass for all of them)."""
-    def log_weights(x: torch.Tensor, k: int) -> torch.Tensor:
+    """`log_weights(x, k, noise) -> [b, k, 1 + len(alternates)]`: the importance weights under `own` and
+    each alternate prior, on the same samples z (one encoder and decoder pass for all of them)."""
+    def log_weights(x: torch.Tensor, k: int, noise=None) -> torch.Tensor:
         tap = PriorTap(own, alternates)
         model.prior = tap
         try:
-            lw = model.log_weights_is(x, k).double()
+            lw = model.log_weights_is(x, k, noise).double()
         finally:
             model.prior = own
         return torch.stack([lw, *(lw + d.view_as(lw) for d in tap.deltas)], -1)

@@ -61,19 +61,22 @@ class VAEBase(nn.Module):
         self.latent_dim = latent_dim
         self.likelihood = likelihood
         self.prior = prior
-        self.noise = None  # a RowNoise set by the trainer for each step; None: the global RNG
-    def forward(self, x: torch.Tensor, idx: Optional[torch.Tensor] = None, beta: float = 1.0):
+
+    # Every call that draws random numbers takes `noise`: a source with rand_like / randn_like keyed by
+    # what is drawn (the trainer's RowNoise: seed, epoch, step and global row; evaluation's IndexNoise:
+    # example and sample index), so results do not depend on ranks or chunking. None: the global RNG.
+    def forward(self, x: torch.Tensor, idx: Optional[torch.Tensor] = None, beta: float = 1.0, noise=None):
         """The training objective; DDP and DeepSpeed wrap this call."""
-        return self.loss(x, idx, beta)
+        return self.loss(x, idx, beta, noise)
 
     # --- data ---------------------------------------------------------------------------------
-    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] grey levels -> flattened model input; Bernoulli data is binarised here, with the
-        model's noise source when it has one (training rows, evaluation indices)."""
+    def preprocess(self, x: torch.Tensor, noise=None) -> torch.Tensor:
+        """[B, C, H, W] grey levels -> flattened model input; Bernoulli data is binarised here, with `noise`
+        when given (training rows, evaluation indices)."""
         x = x.reshape(x.shape[0], -1)
         if self.likelihood.name == "bernoulli":
-            if self.noise is not None:
-                u = self.noise.rand_like(x)
+            if noise is not None:
+                u = noise.rand_like(x)
             else:
                 u = torch.rand(x.shape, dtype=x.dtype).to(x.device)
             x = (u < x).to(x.dtype)
@@ -88,23 +91,23 @@ class VAEBase(nn.Module):
         """Likelihood parameters [S, P, D] given the top latent (lower levels sampled from the model)."""
         raise NotImplementedError
 
-    def _log_weights(self, x: torch.Tensor, idx=None, n_samples: int = 1):
+    def _log_weights(self, x: torch.Tensor, idx=None, n_samples: int = 1, noise=None):
         """`n_samples` reparameterised samples per example: (log p(x|z), log q(z|x), log p(z)), each
         [B * n_samples] (samples of one example adjacent); the encoder runs once per example."""
         raise NotImplementedError
 
     # --- objectives ---------------------------------------------------------------------------
-    def loss(self, x: torch.Tensor, idx: Optional[torch.Tensor] = None, beta: float = 1.0):
+    def loss(self, x: torch.Tensor, idx: Optional[torch.Tensor] = None, beta: float = 1.0, noise=None):
         """Mean negative beta-ELBO of a flattened batch, and per-term statistics."""
-        rec, log_q, log_p = self._log_weights(x, idx)
+        rec, log_q, log_p = self._log_weights(x, idx, noise=noise)
         kl = log_q - log_p
         loss = -(rec - beta * kl).mean()
         return loss, {"rec": -rec.mean().detach(), "kl": kl.mean().detach(), "elbo": (rec - kl).mean().detach()}
 
-    def log_weights_is(self, x: torch.Tensor, n_samples: int) -> torch.Tensor:
+    def log_weights_is(self, x: torch.Tensor, n_samples: int, noise=None) -> torch.Tensor:
         """Importance weights log p(x|z) + log p(z) - log q(z|x), [B, n_samples]."""
         b = x.shape[0]
-        rec, log_q, log_p = self._log_weights(x, n_samples=n_samples)
+        rec, log_q, log_p = self._log_weights(x, n_samples=n_samples, noise=noise)
         return (rec + log_p - log_q).view(b, n_samples)
 
     @torch.no_grad()
@@ -135,9 +138,9 @@ class VAE(VAEBase):
         raw = full_precision(self.out(self.decoder(z_top)))
         return self.likelihood.head(raw.view(z_top.shape[0], self.likelihood.planes, self.data_dim))
 
-    def _log_weights(self, x, idx=None, n_samples=1):
+    def _log_weights(self, x, idx=None, n_samples=1, noise=None):
         mu, logvar = _repeat(self.encode_flat(x), n_samples)
-        z = reparameterize(mu, logvar, noise=self.noise)
+        z = reparameterize(mu, logvar, noise=noise)
         rec = self.likelihood.log_prob(_repeat(x, n_samples), self.decode_params(z))
         return rec, normal_logpdf(z, mu, logvar), self.prior.log_prob(z, self, idx)
 
@@ -162,12 +165,12 @@ class HierarchicalBase(VAEBase):
         z1 = reparameterize(mu1, logvar1, generator)
         return self.decode_x(z1, z_top)
 
-    def _log_weights(self, x, idx=None, n_samples=1):
+    def _log_weights(self, x, idx=None, n_samples=1, noise=None):
         mu2, logvar2 = _repeat(self.encode_flat(x), n_samples)
-        z2 = reparameterize(mu2, logvar2, noise=self.noise)
+        z2 = reparameterize(mu2, logvar2, noise=noise)
         x = _repeat(x, n_samples)
         mu1, logvar1 = self.encode_z1(x, z2)
-        z1 = reparameterize(mu1, logvar1, noise=self.noise)
+        z1 = reparameterize(mu1, logvar1, noise=noise)
         pmu1, plogvar1 = self.p_z1(z2)
         rec = self.likelihood.log_prob(x, self.decode_x(z1, z2))
         log_q = normal_logpdf(z2, mu2, logvar2) + normal_logpdf(z1, mu1, logvar1)

@@ -1,7 +1,7 @@
 """`train.compile`: the training loss through torch.compile, with the step's noise fed in as inputs.
 
-The model draws its reparameterisation noise from `model.noise` (a `RowNoise`: a CPU generator keyed by
-seed, epoch and step), which TorchDynamo cannot trace. `CompiledLoss` therefore records, on the first
+The model draws its reparameterisation noise from the `noise` argument of its loss (a `RowNoise`: a CPU
+generator keyed by seed, epoch and step), which TorchDynamo cannot trace. `CompiledLoss` therefore records, on the first
 step of each batch shape (run eagerly), which draws the model makes; on every later step it makes the same
 draws eagerly from that step's `RowNoise` and hands them to the compiled graph through a `NoiseTape`.
 A compiled run sees exactly the noise of an eager one, and the graph has no breaks (the mixture prior's
@@ -99,26 +99,21 @@ class CompiledLoss:
             self._beta = (beta, torch.full((), float(beta), device=device))
         return self._beta[1]
 
-    def __call__(self, x: torch.Tensor, idx: torch.Tensor, beta: float):
-        noise = self.model.noise
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor, beta: float, noise=None):
         key = (tuple(x.shape), x.dtype, x.device)
         if noise is not None and key not in self.specs:  # a new shape: one eager step learns its draws
             recorder = _NoiseRecorder(noise)
-            self.model.noise = recorder
             try:
                 with torch.compiler.set_stance("force_eager"):  # through the wrapper, the model uncompiled
-                    return self.wrapped(x, idx, beta)
+                    return self.wrapped(x, idx, beta, recorder)
             finally:
-                self.model.noise = noise
                 self.specs[key] = recorder.specs
+        tape = None
         if noise is not None:
             self.tape.draws = [getattr(noise, name)(torch.empty(shape, dtype=dtype, device=device))
                                for name, shape, dtype, device in self.specs[key]]
             self.tape.next = 0
-            self.model.noise = self.tape
-        try:
-            if self.cudagraphs:
-                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-            return self.wrapped(x, idx, self._beta_tensor(beta, x.device))
-        finally:
-            self.model.noise = noise
+            tape = self.tape
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        return self.wrapped(x, idx, self._beta_tensor(beta, x.device), tape)

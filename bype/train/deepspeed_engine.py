@@ -174,8 +174,8 @@ class DeepSpeedEngine:
             log.warning("train.compile=true is not applied with dist.engine=deepspeed: the step runs eagerly "
                         "(compiling applies to dist.engine=none and ddp)")
 
-    def __call__(self, x, idx, beta):
-        return self.engine(x, idx, beta)
+    def __call__(self, x, idx, beta, noise=None):
+        return self.engine(x, idx, beta, noise)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # averages gradients over ranks (and scales the loss for fp16)

@@ -55,9 +55,9 @@ class LocalEngine:
         log.info("engine: %s, %s, torch.compile %s", "DDP" if ddp else "one process",
                  "bf16 autocast" if self.autocast["enabled"] else "fp32", f"on ({why})" if mode else f"off ({why})")
 
-    def __call__(self, x, idx, beta):
+    def __call__(self, x, idx, beta, noise=None):
         with torch.autocast(**self.autocast):
-            return self.loss(x, idx, beta)
+            return self.loss(x, idx, beta, noise)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -198,12 +198,11 @@ class Trainer:
         check_every = cfg.train.log_every if self.ctx.distributed else BUDGET_CHECK_STEPS
         t0 = time.time()
         for i, (x, _, idx) in enumerate(device_batches(loader, epoch, self.ctx.device)):
-            model.noise = RowNoise(cfg.seed, epoch, i, self.ctx.rank, self.ctx.world_size)
-            x = model.preprocess(x)
-            loss, stats = self.engine(x, idx, beta)
+            noise = RowNoise(cfg.seed, epoch, i, self.ctx.rank, self.ctx.world_size)
+            x = model.preprocess(x, noise)
+            loss, stats = self.engine(x, idx, beta, noise)
             self.engine.backward(loss)
             self.engine.step()
-            model.noise = None
             postfix = epoch_stats.add(loss, stats, i)  # raises at a log line if a loss was not finite
             self.step += 1
             n += 1
