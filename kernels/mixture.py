@@ -16,6 +16,9 @@ Layout of this file (Liger-Kernel style):
 
 The torch path (``impl="torch"``) lives in :mod:`kernels.mixture_reference` and runs the
 same maths with torch matmuls on tiles of components.
+
+Longer than the other modules on purpose: like Liger-Kernel's ops, one file holds an op's launchers, its
+tile table, its custom op and autograd, so that one reading covers how a call reaches a kernel.
 """
 from __future__ import annotations
 

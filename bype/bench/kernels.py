@@ -31,6 +31,9 @@ pairwise and gradient) exactly as the launchers would, for a list of (B, M) and 
 triton.compile for GPUTarget("cuda", arch, 32): no GPU needed. Registers and spill bytes (local +
 stack) come from the cubin (cuobjdump -res-usage, shipped in the triton wheel), shared memory
 from the compiled metadata, programs from the launch grid.
+
+Longer than the other modules on purpose: the sweep, its implementations, memory limits and the compile
+report share one command line and one output table; each part is a function of its own.
 """
 from __future__ import annotations
 

@@ -27,6 +27,9 @@ timed step is exactly the training step and memory is measured per run:
 The Exemplar prior runs as published (`prior.exemplar.subset` exemplars per step, leave-one-out) and, with
 `--knn K`, as a second row retrieving the K nearest exemplars from a per-epoch latent cache.
 Writes DIR/speed.json and DIR/speed.md.
+
+Longer than the other modules on purpose: one benchmark's driver, its subprocess worker, the matmul floor and
+the report read best in one place; each part is a function of its own.
 """
 from __future__ import annotations
 
