@@ -11,8 +11,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # Inductor's on-disk cache does not key its C++ kernels by ATEN_CPU_CAPABILITY: two suites run at once under
-# different capabilities (../shared/tools/other-cpus.sh beside another run) compile each other's vector code
-# with the wrong flags (compile errors, NaN losses). One cache per capability keeps them apart.
+# different capabilities compile each other's vector code with the wrong flags (compile errors, NaN losses).
+# One cache per capability keeps them apart.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"))
 # OMP_NUM_THREADS, when set, decides (the suite must pass with 1 and 2 threads); else at most 2.
